@@ -1,0 +1,1 @@
+"""py-preload: keep heavy Python imports warm behind a drop-in `python` starter."""

@@ -1,0 +1,335 @@
+"""Everything between fork and the end of a run: become ``python ARGS`` for the caller.
+
+``run`` never returns: whatever happens, the child ends with ``os._exit`` so that it neither
+falls back into the server's loop nor pays the interpreter's teardown.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import io
+import os
+import signal
+import sys
+import types
+
+import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
+
+
+class Setup:
+    """Server state the child needs: the base sys.path and the default stdio encodings."""
+
+    def __init__(self, base_path: list, encoding: str, errors: str) -> None:
+        self.base_path = base_path
+        self.encoding = encoding
+        self.errors = errors
+
+
+def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
+    """Run ``request`` in this freshly forked process; never returns."""
+    status = 1
+    try:
+        _reset_process(server_fds)
+        _install_stdio(request, fds, setup)
+        _apply_environment(request, setup)
+        status = _execute(request)
+        status = _finalize(status)
+    except BaseException:  # a py-preload bug: say so on the caller's stderr
+        try:
+            import traceback
+
+            os.write(2, ("py-preload: internal error\n" + traceback.format_exc()).encode())
+        except BaseException:
+            pass
+    finally:
+        if status == SIGINT_EXIT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            status = 128 + signal.SIGINT
+        os._exit(status & 0xFF)
+
+
+def _reset_process(server_fds: list) -> None:
+    """Undo what the server set up: its fds, its signal handling, its session."""
+    signal.set_wakeup_fd(-1)
+    for fd in server_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
+    os.setsid()  # own session and process group: signals can reach the whole job
+
+
+def _install_stdio(request: dict, fds: list, setup: Setup) -> None:
+    kinds = request["stdio"]
+    for target, (fd, kind) in enumerate(zip(fds, kinds)):
+        if kind == "pty" and target == kinds.index("pty"):
+            import fcntl
+            import termios
+
+            fcntl.ioctl(fd, termios.TIOCSCTTY, 0)  # the PTY becomes our controlling terminal
+        os.dup2(fd, target)
+    for fd in set(fds) - {0, 1, 2}:
+        os.close(fd)
+    for target, kind in enumerate(kinds):
+        if kind == "closed":
+            os.close(target)
+    env = request["env"]
+    encoding, errors = setup.encoding, setup.errors
+    ioenc = env.get("PYTHONIOENCODING", "")
+    if ioenc:
+        enc, _, errs = ioenc.partition(":")
+        encoding = enc or encoding
+        errors = errs or errors
+    unbuffered = request["flags"]["u"] or bool(env.get("PYTHONUNBUFFERED"))
+    names = ("stdin", "stdout", "stderr")
+    for fd, name in enumerate(names):
+        stream = None
+        if kinds[fd] != "closed":
+            errs = "backslashreplace" if fd == 2 else errors
+            stream = _make_stdio(fd, name, encoding, errs, unbuffered)
+        setattr(sys, name, stream)
+        setattr(sys, "__%s__" % name, stream)
+
+
+def _make_stdio(fd: int, name: str, encoding: str, errors: str, unbuffered: bool):
+    """One standard stream, built the way CPython's create_stdio() builds it."""
+    write = fd != 0
+    buffering = 0 if (unbuffered and write) else -1
+    buf = io.open(fd, "wb" if write else "rb", buffering=buffering, closefd=False)
+    raw = buf if buffering == 0 else buf.raw
+    raw.name = f"<{name}>"
+    line_buffering = not unbuffered and (raw.isatty() or fd == 2)
+    stream = io.TextIOWrapper(
+        buf, encoding, errors, newline="\n", line_buffering=line_buffering, write_through=unbuffered
+    )
+    stream.mode = "w" if write else "r"
+    return stream
+
+
+def _apply_environment(request: dict, setup: Setup) -> None:
+    env = request["env"]
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(request["cwd"])
+    os.umask(request["umask"])
+    sys.argv = list(request["argv"])
+    sys.orig_argv = list(request["orig_argv"])
+    sys.path[:] = [_path0(request)] + _pythonpath(env) + setup.base_path
+    importlib.invalidate_caches()
+    flags = request["flags"]
+    sys.dont_write_bytecode = flags["B"] or bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    warnoptions = [w for w in env.get("PYTHONWARNINGS", "").split(",") if w] + flags["W"]
+    sys.warnoptions[:] = warnoptions
+    if warnoptions:
+        import warnings
+
+        warnings._processoptions(warnoptions)
+    _reseed()
+
+
+def _path0(request: dict) -> str:
+    mode = request["mode"]
+    if mode == "module":
+        return os.getcwd()
+    if mode != "script":
+        return ""
+    path = os.path.abspath(request["target"])
+    if os.path.isdir(path) or not path.endswith((".py", ".pyw")) and _is_zip(path):
+        return path  # a directory or zip with __main__.py is itself sys.path[0]
+    for _ in range(40):  # python resolves a symlinked script (not its directories)
+        if not os.path.islink(path):
+            break
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return os.path.dirname(path)
+
+
+def _is_zip(path: str) -> bool:
+    import zipfile
+
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _pythonpath(env) -> list:
+    value = env.get("PYTHONPATH", "")
+    return [os.path.abspath(p) for p in value.split(os.pathsep) if p]
+
+
+def _reseed() -> None:
+    """The fork copied the server's RNG states; give each run its own, as a new process has."""
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "seed"):
+        torch.seed()
+
+
+def _fresh_main() -> types.ModuleType:
+    main = types.ModuleType("__main__")
+    main.__dict__.update(
+        __builtins__=builtins,
+        __loader__=importlib.machinery.BuiltinImporter,
+        __spec__=None,
+        __package__=None,
+        __annotations__={},
+    )
+    sys.modules["__main__"] = main
+    return main
+
+
+def _execute(request: dict) -> int:
+    """Run the user's code; return the exit status python would have (SIGINT_EXIT for ^C)."""
+    main = _fresh_main()
+    mode, target = request["mode"], request["target"]
+    env = request["env"]
+    inspect = request["flags"]["i"] or bool(env.get("PYTHONINSPECT"))
+    try:
+        if mode == "repl":
+            from preloaded import repl
+
+            repl.interact(main, quiet=request["flags"]["q"], startup=True)
+        elif mode == "code":
+            exec(compile(target, "<string>", "exec"), main.__dict__)
+        elif mode == "module":
+            runpy._run_module_as_main(target, alter_argv=True)
+        elif mode == "stdin":
+            main.__file__ = "<stdin>"
+            source = sys.stdin.buffer.read() if sys.stdin else b""
+            exec(compile(source, "<stdin>", "exec"), main.__dict__)
+        else:
+            _run_script(main, target)
+        status = 0
+    except SystemExit as exc:
+        status = _system_exit_status(exc)
+    except BaseException as exc:
+        status = _report(exc)
+    if inspect and mode != "repl":
+        from preloaded import repl
+
+        try:
+            repl.interact(main, quiet=True, startup=False)
+        except SystemExit as exc:
+            return _system_exit_status(exc)
+    return status
+
+
+def _run_script(main: types.ModuleType, target: str) -> None:
+    path = os.path.abspath(target)
+    if sys.path[0] == path:  # a directory or zip application
+        runpy._run_module_as_main("__main__", alter_argv=False)
+        return
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        sys.stderr.write(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] "
+                         f"{exc.strerror}\n")
+        raise SystemExit(2) from None
+    from importlib.machinery import SourceFileLoader
+
+    main.__file__ = path
+    main.__cached__ = None
+    main.__loader__ = SourceFileLoader("__main__", path)
+    code = compile(source, path, "exec", dont_inherit=True)
+    exec(code, main.__dict__)
+
+
+def _system_exit_status(exc: SystemExit) -> int:
+    """What python's handle_system_exit() does with a SystemExit's code."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF if -(2**63) <= code < 2**63 else 0xFF
+    stderr = sys.stderr
+    if stderr is not None and not getattr(stderr, "closed", False):
+        try:
+            stderr.write(f"{code}\n")
+        except Exception:
+            pass
+    return 1
+
+
+def _report(exc: BaseException) -> int:
+    """Print an uncaught exception like python (without py-preload's frames)."""
+    _strip_own_frames(exc, set())
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
+    try:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    except BaseException:
+        pass
+    if isinstance(exc, KeyboardInterrupt):
+        return SIGINT_EXIT
+    return 1
+
+
+def _strip_own_frames(exc: BaseException, seen: set) -> None:
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    tb = exc.__traceback__
+    while tb is not None and _is_own(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    exc.__traceback__ = tb
+    _strip_own_frames(exc.__cause__, seen)
+    _strip_own_frames(exc.__context__, seen)
+
+
+def _is_own(filename: str) -> bool:
+    return os.path.dirname(filename) == _PKG_DIR
+
+
+def _finalize(status: int) -> int:
+    """Python's Py_FinalizeEx, minus the teardown: threads, atexit, flush stdio."""
+    import threading
+
+    try:
+        threading._shutdown()
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            pass
+    import atexit
+
+    atexit._run_exitfuncs()
+    if not _flush_std_files():
+        status = 120
+    return status
+
+
+def _flush_std_files() -> bool:
+    ok = True
+    stdout, stderr = sys.stdout, sys.stderr
+    if stdout is not None and not getattr(stdout, "closed", True):
+        try:
+            stdout.flush()
+        except Exception as exc:
+            _write_unraisable(stdout, exc)
+            ok = False
+    if stderr is not None and not getattr(stderr, "closed", True):
+        try:
+            stderr.flush()
+        except Exception:
+            ok = False
+    return ok
+
+
+def _write_unraisable(obj, exc: BaseException) -> None:
+    try:
+        sys.stderr.write(
+            f"Exception ignored in: {obj!r}\n{type(exc).__name__}: {exc}\n"
+        )
+        sys.stderr.flush()
+    except Exception:
+        pass

@@ -1,0 +1,275 @@
+"""``py-preload``: write starters (bundle) and look after their servers (status, stop, list, logs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+from preloaded import wire
+from preloaded.paths import Paths, UnsafeDirectory, runtime_dir
+
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STARTER = """\
+#!{python} -SI
+# py-preload starter: runs like `python`, with {modules} kept warm in a server.
+# Written by `py-preload bundle`; run it as you would run python.
+import sys
+sys.path.append({pkg_root!r})
+from preloaded.starter import main
+main({config!r})
+"""
+
+# Run by the bundle's interpreter: can it host the server and find every module?
+CHECK = """\
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+import preloaded.server
+missing = [m for m in sys.argv[2:] if importlib.util.find_spec(m.split(".")[0]) is None]
+print(json.dumps({"executable": sys.executable, "missing": missing}))
+"""
+
+
+def resolve_python(python: str) -> str:
+    """The interpreter binary to name in the shebang.
+
+    A venv's ``bin/python`` symlink is kept as it is (resolving it would lose the venv); a shim
+    script (pyenv, asdf) costs ~100 ms per start, so it is replaced by the binary it runs.
+    """
+    path = os.path.abspath(python) if os.sep in python else _which(python)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as exc:
+        raise click.ClickException(f"cannot use {python} as the interpreter: {exc.strerror}")
+    if not os.access(path, os.X_OK):
+        raise click.ClickException(f"{path} is not executable; pass --python PATH")
+    if head == b"#!":
+        out = _ask(path, "import sys; print(sys.executable)")
+        path = out.strip()
+    return path
+
+
+def _which(name: str) -> str:
+    import shutil
+
+    found = shutil.which(name)
+    if not found:
+        raise click.ClickException(f"no interpreter named {name} on PATH; pass --python PATH")
+    return found
+
+
+def _ask(python: str, code: str, *args: str) -> str:
+    proc = subprocess.run([python, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise click.ClickException(f"{python} failed: {last}")
+    return proc.stdout
+
+
+def write_atomic(path: str, text: str, mode: int) -> None:
+    """Write ``path`` so that it is either the old file or the complete new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}")
+
+
+@click.group()
+@click.version_option(package_name="py-preload")
+def main() -> None:
+    """Keep heavy Python imports warm: write a drop-in `python` that forks a preloaded server."""
+
+
+@main.command()
+@click.argument("modules", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Starter file to write (an executable, used like `python`).")
+@click.option("--python", "python", default=sys.executable, show_default="this interpreter",
+              help="Interpreter the starter runs and the server imports into.")
+@click.option("--idle-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              help="Seconds without clients after which the server exits.")
+def bundle(modules, output, python, idle_timeout) -> None:
+    """Write a starter FILE that runs like python with MODULES preloaded."""
+    for name in modules:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise click.ClickException(f"{name!r} is not a module name")
+    python = resolve_python(python)
+    found = json.loads(_ask(python, CHECK, PKG_ROOT, *modules))
+    if found["missing"]:
+        names = " ".join(found["missing"])
+        raise click.ClickException(
+            f"not importable by {python}: {names}; install them (pip install {names}) first"
+        )
+    config = {"python": python, "modules": list(modules), "idle_timeout": idle_timeout,
+              "pkg_root": PKG_ROOT}  # fmt: skip
+    text = STARTER.format(python=python, modules=", ".join(modules), pkg_root=PKG_ROOT,
+                          config=config)  # fmt: skip
+    write_atomic(output, text, 0o755)
+    click.echo(f"wrote {output}: run it like python; the first run starts the server", err=True)
+
+
+def _paths(file: str) -> Paths:
+    if not os.path.isfile(file):
+        raise click.ClickException(f"{file} is not a file; pass a starter written by bundle")
+    try:
+        return Paths(file)
+    except (UnsafeDirectory, OSError) as exc:
+        raise click.ClickException(str(exc))
+
+
+def ask_server(path: str, request: dict, timeout: float = 5.0):
+    """One control request to the server listening at ``path``; None if nothing answers."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            wire.send(sock, {"v": 1, **request})
+            return wire.recv_frame(sock, wire.FrameReader())
+        except (OSError, EOFError, wire.ProtocolError):
+            return None
+
+
+def _servers() -> list:
+    """(info, socket path) of every server this user has in the runtime directory."""
+    try:
+        directory = runtime_dir(create=False)
+    except (FileNotFoundError, UnsafeDirectory):
+        return []
+    found = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(directory, name), encoding="utf-8") as f:
+                    found.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def _memory(status: dict) -> dict:
+    import psutil
+
+    def mem(pid):
+        try:
+            info = psutil.Process(pid).memory_full_info()
+            return {"rss": info.rss, "pss": getattr(info, "pss", None), "uss": info.uss}
+        except (psutil.Error, OSError):
+            return None
+
+    return {"server": mem(status["pid"]), "children": {p: mem(p) for p in status["children"]}}
+
+
+def _format_status(st: dict) -> str:
+    mb = lambda n: f"{n / 1e6:.0f} MB" if n is not None else "?"  # noqa: E731
+    server = st["memory"]["server"] or {}
+    lines = [
+        f"bundle:    {st['bundle']}",
+        f"pid:       {st['pid']}   uptime {st['uptime']:.0f} s   runs served {st['runs']}",
+        f"modules:   " + ", ".join(f"{m} ({t:.2f} s)" for m, t in st["import_times"].items()),
+        f"children:  {len(st['children'])} running",
+        f"memory:    RSS {mb(server.get('rss'))}, PSS {mb(server.get('pss'))}",
+        f"stale:     {st['stale'] or 'no'}",
+    ]
+    lines += [f"warning:   {w}" for w in st["warnings"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(file, as_json) -> None:
+    """Show the server of FILE (or of every bundle)."""
+    sockets = [_paths(file).socket] if file else [i["socket"] for i in _servers()]
+    results = []
+    for path in sockets:
+        st = ask_server(path, {"cmd": "status"})
+        if st is None or "pid" not in st:
+            continue
+        st["memory"] = _memory(st)
+        results.append(st)
+    if file and not results:
+        if as_json:
+            click.echo(json.dumps(None))
+        raise click.ClickException(f"no server is running for {file}")
+    if as_json:
+        click.echo(json.dumps(results[0] if file else results, indent=2))
+    elif not results:
+        click.echo("no servers running")
+    else:
+        click.echo("\n\n".join(_format_status(st) for st in results))
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path())
+@click.option("--all", "stop_all", is_flag=True, help="Stop every server of this user.")
+def stop(file, stop_all) -> None:
+    """Stop the server of FILE (running children are ended), or all with --all."""
+    if bool(file) == stop_all:
+        raise click.UsageError("name a starter FILE or pass --all")
+    sockets = [_paths(file).socket] if file else [i["socket"] for i in _servers()]
+    stopped = 0
+    for path in sockets:
+        reply = ask_server(path, {"cmd": "stop"})
+        if reply and "stopping" in reply:
+            _wait_gone(reply["stopping"])
+            stopped += 1
+    if file and not stopped:
+        raise click.ClickException(f"no server is running for {file}")
+    click.echo(f"stopped {stopped} server(s)", err=True)
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        proc.kill()
+
+
+@main.command(name="list")
+def list_() -> None:
+    """List running servers: pid, bundle file, modules."""
+    servers = [i for i in _servers() if ask_server(i["socket"], {"cmd": "status"})]
+    if not servers:
+        click.echo("no servers running")
+    for info in servers:
+        click.echo(f"{info['pid']:>8}  {info['bundle']}  ({', '.join(info['modules'])})")
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.option("-n", "--lines", default=50, show_default=True, help="How many lines to show.")
+def logs(file, lines) -> None:
+    """Print the end of the server log of FILE."""
+    path = _paths(file).log
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.readlines()[-lines:]
+    except FileNotFoundError:
+        raise click.ClickException(f"no log yet for {file} (expected at {path})")
+    click.echo("".join(text), nl=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

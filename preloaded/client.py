@@ -1,0 +1,242 @@
+"""The client half of a warm run: reach (or start) the server, hand over the run, mirror its end.
+
+Stdlib only, on the fast path. The slow first-run path (spawning the server) lives in
+``preloaded.spawn`` and is imported only when no server answers.
+"""
+
+from __future__ import annotations
+
+import _signal
+import _socket
+import os
+
+from preloaded import wire
+from preloaded.paths import Paths, UnsafeDirectory
+
+# Signals the client passes on to the child; the client itself keeps running until the child's
+# status comes back, so that it can mirror it.
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+class Fallback(Exception):
+    """The server cannot run this command; run it cold. ``message`` is warned about (if any)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def connect(path: str):
+    """A connected socket to the server at ``path``, or None when nothing listens there."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except OSError as exc:
+        sock.close()
+        raise Fallback(f"cannot connect to {path}: {exc.strerror}") from exc
+    return sock
+
+
+def build_request(cmd, args: list, python: str, stdio: list) -> dict:
+    """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        raise Fallback() from exc  # python itself copes with a deleted cwd; let it
+    umask = os.umask(0)
+    os.umask(umask)
+    return {
+        "v": 1,
+        "mode": cmd.mode,
+        "target": cmd.target,
+        "argv": cmd.argv,
+        "orig_argv": [python] + args,
+        "cwd": cwd,
+        "env": dict(os.environ),
+        "umask": umask,
+        "flags": cmd.flags,
+        "stdio": stdio,
+    }
+
+
+def stdio_kinds() -> list:
+    """For fds 0, 1, 2: "tty", "pipe" (anything else that is open) or "closed"."""
+    kinds = []
+    for fd in (0, 1, 2):
+        if os.isatty(fd):
+            kinds.append("tty")
+        else:
+            try:
+                os.fstat(fd)
+                kinds.append("pipe")
+            except OSError:
+                kinds.append("closed")
+    return kinds
+
+
+def open_server(config: dict, bundle: str):
+    """Connect to this bundle's server, starting it first if none is running."""
+    try:
+        paths = Paths(bundle)
+    except (UnsafeDirectory, OSError) as exc:
+        raise Fallback(f"runtime directory unusable: {exc}") from exc
+    sock = connect(paths.socket)
+    if sock is None:
+        from preloaded import spawn
+
+        sock = spawn.start_and_connect(config, bundle, paths)
+    return sock
+
+
+def run(config: dict, bundle: str, cmd, args: list):
+    """Run ``cmd`` warm; return ("exit", code) or ("signal", n). Raises Fallback to run cold."""
+    kinds = stdio_kinds()
+    for _attempt in range(3):
+        sock = open_server(config, bundle)
+        relay = None
+        if "tty" in kinds:
+            from preloaded.ptyrelay import PtyRelay
+
+            relay = PtyRelay(kinds)
+            fds = relay.child_fds()
+        else:
+            fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
+        request = build_request(cmd, args, config["python"], ["pty" if k == "tty" else k for k in kinds])
+        try:
+            wire.send(sock, request, fds)
+            reader = wire.FrameReader()
+            reply = wire.recv_frame(sock, reader)
+        except (OSError, EOFError, wire.ProtocolError) as exc:
+            sock.close()
+            if relay:
+                relay.close()
+            raise Fallback(f"the server did not take the run ({exc})") from exc
+        finally:
+            for fd in set(fds) - {0, 1, 2}:  # the PTY slave or /dev/null: the child has them now
+                os.close(fd)
+        if "started" in reply:
+            return _wait(sock, reader, relay)
+        sock.close()
+        if relay:
+            relay.close()
+        if reply.get("error") != "stale":
+            raise Fallback(f"the server refused the run: {reply.get('error')}")
+        # The server noticed its environment changed and is retiring: start a fresh one.
+    raise Fallback("the server kept restarting")
+
+
+def _devnull() -> int:
+    return os.open(os.devnull, os.O_RDWR)
+
+
+def _wait(sock, reader, relay):
+    """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    os.set_blocking(wfd, False)
+    old_wakeup = _signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    handled = [getattr(_signal, name) for name in FORWARDED]
+    extra = [_signal.SIGWINCH, _signal.SIGTSTP, _signal.SIGCONT] if relay else [_signal.SIGTSTP]
+    previous = {}
+    for signum in handled + extra:
+        previous[signum] = _signal.signal(signum, _noop)
+    try:
+        if relay:
+            return relay.run(sock, reader, rfd)
+        return _wait_pipes(sock, reader, rfd)
+    finally:
+        for signum, handler in previous.items():
+            _signal.signal(signum, handler)
+        _signal.set_wakeup_fd(old_wakeup)
+        os.close(rfd)
+        os.close(wfd)
+        sock.close()
+
+
+def _noop(signum, frame) -> None:
+    """Python-level handler: the C handler writes the number to the wakeup fd; that is all."""
+
+
+def _wait_pipes(sock, reader, wakeup_fd):
+    import select
+
+    sock_fd = sock.fileno()
+    while True:
+        ready, _, _ = select.select([sock_fd, wakeup_fd], [], [])
+        if wakeup_fd in ready:
+            for signum in os.read(wakeup_fd, 64):
+                if signum == _signal.SIGTSTP:
+                    suspend(sock, None)
+                else:
+                    send_signal(sock, signum)
+        if sock_fd in ready:
+            status = read_status(sock, reader)
+            if status:
+                return status
+
+
+def send_signal(sock, signum: int) -> None:
+    try:
+        wire.send(sock, {"signal": signum})
+    except OSError:
+        pass  # the server is gone; read_status reports it
+
+
+def read_status(sock, reader):
+    """Read what the server sent; return the final status once it is there, else None."""
+    try:
+        data = sock.recv(65536)
+    except OSError:
+        data = b""
+    if not data:
+        os.write(2, b"py-preload: lost the server during the run\n")
+        return ("exit", 1)
+    reader.feed(data)
+    try:
+        for frame in reader.frames():
+            if "exit" in frame:
+                return ("exit", frame["exit"])
+            if "signal" in frame:
+                return ("signal", frame["signal"])
+            if "error" in frame:
+                os.write(2, f"py-preload: {frame['error']}\n".encode())
+                return ("exit", 1)
+    except wire.ProtocolError as exc:
+        os.write(2, f"py-preload: bad reply from the server: {exc}\n".encode())
+        return ("exit", 1)
+    return None
+
+
+def suspend(sock, relay) -> None:
+    """Ctrl-Z: stop the child, give the terminal back to the shell, and stop ourselves.
+
+    The child's process group is orphaned (its parent, the server, is in another session), so
+    the kernel discards SIGTSTP there: the child gets SIGSTOP instead. On SIGCONT (``fg``) the
+    terminal goes back to raw mode and the child continues.
+    """
+    send_signal(sock, _signal.SIGSTOP)
+    if relay:
+        relay.restore()
+    _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+    os.kill(os.getpid(), _signal.SIGTSTP)
+    # ... stopped here until the shell continues us ...
+    _signal.signal(_signal.SIGTSTP, _noop)
+    if relay:
+        relay.resume()
+    send_signal(sock, _signal.SIGCONT)
+
+
+def exit_like(status) -> None:
+    """End this process the way the child ended: same exit code, or death by the same signal."""
+    kind, value = status
+    if kind == "signal":
+        try:
+            _signal.signal(value, _signal.SIG_DFL)
+            os.kill(os.getpid(), value)
+        except (OSError, ValueError):
+            pass
+        os._exit(128 + value)
+    os._exit(value & 0xFF)

@@ -1,0 +1,76 @@
+"""Importing the bundle's modules into the server, with the fork-safety checks, then gc.freeze()."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import sys
+import time
+
+
+class ForkUnsafe(Exception):
+    """A preloaded module left the server in a state its forked children cannot use."""
+
+
+def thread_count() -> int:
+    """OS threads of this process (not only Python's): the ones fork would silently drop."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    check = getattr(cuda, "is_initialized", None)
+    return bool(check and check())
+
+
+def import_modules(modules, log) -> tuple:
+    """Import ``modules`` in order; return ({name: seconds}, [warnings]).
+
+    Raises ImportError (naming the module) or ForkUnsafe (naming the module that initialised
+    CUDA). Threads are only warned about: some libraries start a harmless idle thread.
+    """
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    times: dict = {}
+    warnings: list = []
+    threads = thread_count()
+    for name in modules:
+        start = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            raise ImportError(f"importing {name} failed: {type(exc).__name__}: {exc}") from exc
+        times[name] = round(time.perf_counter() - start, 4)
+        log(f"imported {name} in {times[name]:.3f} s")
+        if cuda_initialised():
+            raise ForkUnsafe(
+                f"importing {name} initialised CUDA in the server; forked children could not use"
+                " the GPU. Remove it from the bundle or make it initialise CUDA lazily."
+            )
+        now = thread_count()
+        if now > threads:
+            warnings.append(
+                f"importing {name} started {now - threads} thread(s); they do not survive fork"
+                " and can deadlock children"
+            )
+            log("warning: " + warnings[-1])
+            threads = now
+    return times, warnings
+
+
+def settle() -> None:
+    """Make the imported state cheap to share: flush C stdio, collect, freeze."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)  # pending C-level output must not reach children's fds
+    except (OSError, AttributeError):
+        pass
+    gc.collect()
+    gc.freeze()  # no more refcount writes from GC passes over preloaded objects: pages stay shared

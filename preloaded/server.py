@@ -1,0 +1,521 @@
+"""The warm server: import once, then fork a child per run, in one single-threaded selector loop.
+
+Signal handlers only write to a wakeup pipe; all work happens in the loop. Every child is tied
+to its connection: the exit status comes from ``waitpid`` and goes back over that connection,
+and a connection that closes early takes its child down with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from preloaded import wire
+from preloaded.paths import Paths
+from preloaded.staleness import Stamps
+
+ALREADY_RUNNING = 3
+FIRST_FRAME_TIMEOUT = 10.0  # a client that connects and never sends is dropped after this
+KILL_GRACE = 1.0  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
+MODES = ("script", "module", "code", "stdin", "repl")
+STDIO = ("pipe", "pty", "closed")
+# Signals the client may forward; terminal-style ones go to the child's whole process group.
+FORWARDABLE = {int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                                signal.SIGUSR1, signal.SIGUSR2, signal.SIGSTOP, signal.SIGCONT,
+                                signal.SIGTSTP, signal.SIGWINCH)}  # fmt: skip
+GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
+                 int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
+
+
+def log(message: str) -> None:
+    sys.stderr.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+    sys.stderr.flush()
+
+
+class BadRequest(Exception):
+    pass
+
+
+def validate_request(req, nfds: int) -> None:
+    """Raise BadRequest unless ``req`` is a well-formed run request with 3 descriptors."""
+    if not isinstance(req, dict):
+        raise BadRequest("request is not an object")
+    expected = {"v", "mode", "target", "argv", "orig_argv", "cwd", "env", "umask", "flags", "stdio"}
+    unknown = set(req) - expected
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    missing = expected - set(req)
+    if missing:
+        raise BadRequest(f"missing field(s): {', '.join(sorted(missing))}")
+    if req["v"] != 1:
+        raise BadRequest(f"unsupported protocol version {req['v']!r}")
+    if req["mode"] not in MODES:
+        raise BadRequest(f"unknown mode {req['mode']!r}")
+    if req["mode"] in ("script", "module", "code") and not isinstance(req["target"], str):
+        raise BadRequest("target must be a string")
+    _check_strings(req["argv"], "argv")
+    _check_strings(req["orig_argv"], "orig_argv")
+    if not isinstance(req["cwd"], str) or not isinstance(req["env"], dict):
+        raise BadRequest("cwd must be a string and env an object")
+    _check_strings(list(req["env"]) + list(req["env"].values()), "env")
+    if type(req["umask"]) is not int or not 0 <= req["umask"] <= 0o777:
+        raise BadRequest("umask must be an integer in 0..0o777")
+    flags = req["flags"]
+    if not isinstance(flags, dict) or set(flags) != {"u", "B", "i", "q", "W"}:
+        raise BadRequest("flags must have exactly u, B, i, q, W")
+    if not all(type(flags[k]) is bool for k in "uBiq"):
+        raise BadRequest("flags u, B, i, q must be booleans")
+    _check_strings(flags["W"], "flags.W")
+    stdio = req["stdio"]
+    if not isinstance(stdio, list) or len(stdio) != 3 or any(k not in STDIO for k in stdio):
+        raise BadRequest("stdio must list 3 of pipe, pty, closed")
+    if nfds != 3:
+        raise BadRequest(f"expected 3 file descriptors, got {nfds}")
+
+
+def _check_strings(value, name: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"{name} must be a list of strings")
+    if any("\0" in v for v in value):
+        raise BadRequest(f"{name} contains a NUL character")
+
+
+class Conn:
+    """One client connection: at first waiting for its request, then tied to one child."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = wire.FrameReader()
+        self.fds: list = []
+        self.deadline = time.monotonic() + FIRST_FRAME_TIMEOUT
+        self.pid: int | None = None
+        self.kill_at: float | None = None
+        self.closed = False
+
+
+class Server:
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.paths = Paths(config["bundle"])
+        self.modules = list(config["modules"])
+        self.idle_timeout = float(config.get("idle_timeout", 1800))
+        self.started = time.time()
+        self.runs = 0
+        self.import_times: dict = {}
+        self.warnings: list = []
+        self.conns: dict = {}  # fd -> Conn
+        self.children: dict = {}  # pid -> Conn
+        self.listener: socket.socket | None = None
+        self.lock = None
+        self.lock_fds: list = []
+        self.stopping = False
+        self.stamps: Stamps | None = None
+        self.last_active = time.monotonic()
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        self.child_setup = None
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def acquire_lock(self) -> bool:
+        from filelock import FileLock, Timeout
+
+        self.lock = FileLock(self.paths.server_lock)
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self.lock_fds = _lock_fds(self.paths.server_lock)  # children must not keep it held
+        return True
+
+    def preload(self) -> None:
+        from preloaded import child, preload
+
+        base_path = [p for p in sys.path[1:] if p != self.config["pkg_root"]]
+        self.import_times, self.warnings = preload.import_modules(self.modules, log)
+        stdout = sys.__stdout__
+        self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
+        self.stamps = Stamps.collect(self.config["bundle"], sys.executable)
+        preload.settle()
+
+    def listen(self) -> None:
+        tmp = f"{self.paths.socket}.{os.getpid()}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(128)
+        os.rename(tmp, self.paths.socket)  # atomic: replaces a stale socket of a dead server
+        self.socket_ino = os.stat(self.paths.socket).st_ino
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, self._handle_accept)
+        self.write_info()
+
+    def write_info(self) -> None:
+        info = {
+            "pid": os.getpid(), "bundle": self.config["bundle"], "python": sys.executable,
+            "modules": self.modules, "import_times": self.import_times,
+            "warnings": self.warnings, "started": self.started, "socket": self.paths.socket,
+            "log": self.paths.log, "idle_timeout": self.idle_timeout,
+        }  # fmt: skip
+        tmp = self.paths.info + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.paths.info)
+
+    def install_signals(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda s, f: None)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while not (self.stopping and not self.children):
+            events = self.sel.select(self._timeout())
+            for key, _mask in events:
+                key.data(key.fileobj)
+            self._check_deadlines()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        limits = [1.0]
+        for conn in self.conns.values():
+            limits.append((conn.kill_at or conn.deadline) - now)
+        if not self.conns and not self.children:
+            limits.append(self.last_active + self.idle_timeout - now)
+        return max(0.0, min(limits))
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.pid is None and now > conn.deadline:
+                self._close(conn)
+        for conn in list(self.children.values()):
+            if conn.kill_at is not None and now >= conn.kill_at:
+                _kill(conn.pid, signal.SIGKILL, group=True)
+                conn.kill_at = None
+        if self.conns or self.children:
+            self.last_active = now
+        elif not self.stopping and now - self.last_active >= self.idle_timeout:
+            log(f"idle for {self.idle_timeout:.0f} s: exiting")
+            self.begin_stop()
+
+    def _handle_wakeup(self, _fileobj) -> None:
+        try:
+            signals = os.read(self.wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in signals:
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif not self.stopping:
+                log(f"got signal {signum}: stopping")
+                self.begin_stop(kill_children=True)
+
+    def _handle_accept(self, _fileobj) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: drop this round, keep serving
+                log(f"accept failed: {exc}")
+                return
+            if not _peer_is_us(sock):
+                log("refused a connection from another user")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock)
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
+
+    def _handle_readable(self, sock) -> None:
+        conn = self.conns.get(sock.fileno())
+        if conn is None:
+            return
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(65536, wire.anc_space())
+            conn.fds.extend(wire.unpack_fds(ancdata, flags))
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, wire.ProtocolError) as exc:
+            self._reject(conn, str(exc))
+            return
+        if not data:
+            self._client_gone(conn)
+            return
+        conn.reader.feed(data)
+        try:
+            for frame in conn.reader.frames():
+                self._handle_frame(conn, frame)
+                if conn.closed:
+                    return
+        except wire.ProtocolError as exc:
+            self._reject(conn, str(exc))
+
+    def _handle_frame(self, conn: Conn, frame) -> None:
+        if conn.pid is not None:  # a running child: only signals may follow
+            signum = frame.get("signal") if isinstance(frame, dict) else None
+            if type(signum) is int and signum in FORWARDABLE:
+                _kill(conn.pid, signum, group=signum in GROUP_SIGNALS)
+            return
+        if isinstance(frame, dict) and "cmd" in frame:
+            self._handle_command(conn, frame)
+            return
+        try:
+            validate_request(frame, len(conn.fds))
+        except BadRequest as exc:
+            self._reject(conn, str(exc))
+            return
+        reason = self.stamps.changed()
+        if reason:
+            log(f"stale ({reason}): retiring; the next run starts a fresh server")
+            self._reply(conn, {"error": "stale", "reason": reason})
+            self._close(conn)
+            self.begin_stop()
+            return
+        self._fork(conn, frame)
+
+    def _handle_command(self, conn: Conn, frame: dict) -> None:
+        cmd = frame.get("cmd")
+        if cmd == "status":
+            self._reply(conn, self.status())
+        elif cmd == "stop":
+            self._reply(conn, {"stopping": os.getpid()})
+            self.begin_stop(kill_children=True)
+        else:
+            self._reply(conn, {"error": f"unknown command {cmd!r}"})
+        self._close(conn)
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+            "modules": self.modules, "import_times": self.import_times,
+            "runs": self.runs, "children": sorted(self.children), "warnings": self.warnings,
+            "stale": self.stamps.changed() if self.stamps else None,
+            "bundle": self.config["bundle"], "python": sys.executable,
+        }  # fmt: skip
+
+    def _fork(self, conn: Conn, request: dict) -> None:
+        from preloaded import child
+
+        fds, conn.fds = conn.fds, []
+        server_fds = self._own_fds()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child.run(request, fds, server_fds, self.child_setup)
+            finally:
+                os._exit(70)
+        wire.close_all(fds)
+        self.runs += 1
+        conn.pid = pid
+        self.children[pid] = conn
+        self._reply(conn, {"started": pid})
+
+    def _own_fds(self) -> list:
+        fds = [self.wake_r, self.wake_w, self.sel.fileno()]
+        if self.listener is not None:
+            fds.append(self.listener.fileno())
+        fds.extend(self.conns)
+        fds.extend(self.lock_fds)
+        return fds
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if not conn.closed:
+                self._reply(conn, {"signal": -code} if code < 0 else {"exit": code})
+                self._close(conn)
+
+    def _client_gone(self, conn: Conn) -> None:
+        """The client hung up: end its child (SIGHUP now, SIGKILL after a grace period)."""
+        if conn.pid is not None and conn.pid in self.children:
+            _kill(conn.pid, signal.SIGHUP, group=True)
+            _kill(conn.pid, signal.SIGCONT, group=True)  # a stopped child must see the SIGHUP
+            conn.kill_at = time.monotonic() + KILL_GRACE
+        self._close(conn)
+
+    def _reject(self, conn: Conn, message: str) -> None:
+        log(f"bad request: {message}")
+        self._reply(conn, {"error": message})
+        self._close(conn)
+
+    def _reply(self, conn: Conn, obj) -> None:
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(1.0)  # a tiny frame; a client that never reads loses it
+            wire.send(conn.sock, obj)
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                pass
+
+    def _close(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        wire.close_all(conn.fds)
+        conn.fds = []
+        fd = conn.sock.fileno()
+        self.conns.pop(fd, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def begin_stop(self, kill_children: bool = False) -> None:
+        """Stop taking runs: the socket goes away at once, running children finish (or not)."""
+        self.stopping = True
+        if self.listener is not None:
+            self.sel.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            for path in (self.paths.socket, self.paths.info):
+                _unlink_if_ours(path, self.socket_ino if path == self.paths.socket else None)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        for conn in list(self.conns.values()):
+            if conn.pid is None:
+                self._close(conn)
+        if kill_children:
+            for pid, conn in self.children.items():
+                _kill(pid, signal.SIGHUP, group=True)
+                conn.kill_at = time.monotonic() + KILL_GRACE
+
+
+def _kill(pid: int, signum: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, signum)
+            return
+    except ProcessLookupError:
+        pass  # not yet a group leader (setsid pending): fall through to the process itself
+    except PermissionError:
+        pass
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _peer_is_us(sock: socket.socket) -> bool:
+    import struct
+
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _lock_fds(path: str) -> list:
+    """Descriptors of this process open on ``path`` (filelock keeps its fd to itself)."""
+    fds = []
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == path:
+                    fds.append(int(name))
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return fds
+
+
+def _unlink_if_ours(path: str, ino) -> None:
+    try:
+        if ino is None or os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _open_log(path: str) -> None:
+    """Send fds 1 and 2 to the log (C libraries write there too); /dev/null if it cannot be."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if os.fstat(fd).st_size > 4 << 20:
+            os.ftruncate(fd, 0)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _write_failure(paths: Paths, message: str) -> None:
+    tmp = f"{paths.failed}.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(message + "\n")
+        os.replace(tmp, paths.failed)
+    except OSError:
+        pass
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    os.chdir("/")
+    server = Server(config)
+    _open_log(server.paths.log)
+    if not server.acquire_lock():
+        sys.exit(ALREADY_RUNNING)
+    log(f"server {os.getpid()} for {config['bundle']}: importing {', '.join(server.modules)}")
+    try:
+        server.preload()
+    except Exception as exc:
+        from preloaded.preload import ForkUnsafe
+
+        message = str(exc) if isinstance(exc, (ImportError, ForkUnsafe)) else repr(exc)
+        log(f"start failed: {message}")
+        import traceback
+
+        traceback.print_exc()
+        _write_failure(server.paths, message)
+        sys.exit(1)
+    server.install_signals()
+    server.listen()
+    log(f"serving on {server.paths.socket}")
+    try:
+        server.serve()
+    finally:
+        server.begin_stop()
+        log("stopped")
+    os._exit(0)  # skip the interpreter's teardown, as children do
+
+
+if __name__ == "__main__":
+    main()

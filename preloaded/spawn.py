@@ -1,0 +1,130 @@
+"""First run: start the bundle's server and wait until it serves (stdlib only).
+
+Only one server starts even when many first runs race: they queue on an flock(2) of the
+bundle's spawn lock (the same lock ``filelock`` takes on Unix, without importing it on this
+path), and whoever gets it first starts the server while the others then find it listening.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+
+from preloaded.client import Fallback, connect
+
+START_TIMEOUT = 600.0  # seconds; importing torch from a cold network file system can be slow
+FAILED_BACKOFF = 30.0  # after a failed start, run cold without retrying for this long
+ALREADY_RUNNING = 3  # server exit status: another server holds the bundle's lock
+
+# Variables python reads at start-up: the server must not take the first caller's, because every
+# child applies its own caller's (PYTHONPATH, PYTHONWARNINGS, ...) over the server's state.
+def server_env(env) -> dict:
+    clean = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
+    clean["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() must not initialise CUDA
+    return clean
+
+
+def server_argv(config: dict, bundle: str) -> list:
+    import json
+
+    boot = (
+        "import sys; sys.path.append(sys.argv.pop(1)); "
+        "from preloaded.server import main; main()"
+    )
+    payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})
+    return [config["python"], "-c", boot, config["pkg_root"], payload]
+
+
+def start_and_connect(config: dict, bundle: str, paths):
+    """Start the server (unless another run is already doing so) and return a connection."""
+    _check_recent_failure(paths)
+    lock_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        sock = connect(paths.socket)  # someone else may have started it while we queued
+        if sock is not None:
+            return sock
+        _check_recent_failure(paths)
+        return _start(config, bundle, paths)
+    finally:
+        os.close(lock_fd)  # releases the flock
+
+
+def _check_recent_failure(paths) -> None:
+    try:
+        st = os.stat(paths.failed)
+    except OSError:
+        return
+    if time.time() - st.st_mtime < FAILED_BACKOFF:
+        raise Fallback(f"the server failed to start ({_read_failure(paths)})")
+
+
+def _read_failure(paths) -> str:
+    try:
+        with open(paths.failed, encoding="utf-8") as f:
+            return f.read().strip() or "no reason given"
+    except OSError:
+        return f"see {paths.log}"
+
+
+def _start(config: dict, bundle: str, paths):
+    import subprocess
+
+    try:
+        os.unlink(paths.failed)
+    except OSError:
+        pass
+    proc = subprocess.Popen(
+        server_argv(config, bundle),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        env=server_env(os.environ),
+        start_new_session=True,  # no controlling terminal, out of the caller's job
+    )
+    note = _Progress(config)
+    try:
+        return _wait_ready(proc, paths, note)
+    finally:
+        note.clear()
+
+
+def _wait_ready(proc, paths, note):
+    deadline = time.monotonic() + START_TIMEOUT
+    delay = 0.005
+    while time.monotonic() < deadline:
+        sock = connect(paths.socket)
+        if sock is not None:
+            return sock
+        code = proc.poll()
+        if code is not None and code != ALREADY_RUNNING:
+            raise Fallback(f"the server failed to start: {_read_failure(paths)}")
+        note.tick()
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+    raise Fallback(f"the server did not start within {START_TIMEOUT:.0f} s (see {paths.log})")
+
+
+class _Progress:
+    """A one-line note on stderr while the modules import; only when stderr is a terminal."""
+
+    def __init__(self, config: dict) -> None:
+        self.shown = False
+        self.started = time.monotonic()
+        self.enabled = os.isatty(2)
+        self.text = "py-preload: warming " + ", ".join(config["modules"])
+
+    def tick(self) -> None:
+        if self.enabled and time.monotonic() - self.started > 0.2:
+            elapsed = time.monotonic() - self.started
+            sys.stderr.write(f"\r\x1b[K{self.text} ({elapsed:.0f} s)")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
