@@ -83,12 +83,7 @@ def _install_stdio(request: dict, fds: list, setup: Setup) -> None:
         if kind == "closed":
             os.close(target)
     env = request["env"]
-    encoding, errors = setup.encoding, setup.errors
-    ioenc = env.get("PYTHONIOENCODING", "")
-    if ioenc:
-        enc, _, errs = ioenc.partition(":")
-        encoding = enc or encoding
-        errors = errs or errors
+    encoding, errors = _stdio_encoding(env.get("PYTHONIOENCODING", ""), setup)
     unbuffered = request["flags"]["u"] or bool(env.get("PYTHONUNBUFFERED"))
     names = ("stdin", "stdout", "stderr")
     for fd, name in enumerate(names):
@@ -98,6 +93,20 @@ def _install_stdio(request: dict, fds: list, setup: Setup) -> None:
             stream = _make_stdio(fd, name, encoding, errs, unbuffered)
         setattr(sys, name, stream)
         setattr(sys, "__%s__" % name, stream)
+
+
+def _stdio_encoding(ioencoding: str, setup: Setup) -> tuple:
+    """Python's config_init_stdio_encoding(): PYTHONIOENCODING=enc[:errors] over the defaults."""
+    encoding, errors = setup.encoding, setup.errors
+    enc, _, errs = ioencoding.partition(":")
+    if enc:
+        import codecs
+
+        # Python reports the codec's own name ("latin-1" -> "iso8859-1"), and an encoding named
+        # without an error handler means "strict". (An unknown codec makes the starter run cold.)
+        encoding = codecs.lookup(enc).name
+        errors = "strict"
+    return encoding, errs or errors
 
 
 def _make_stdio(fd: int, name: str, encoding: str, errors: str, unbuffered: bool):
@@ -123,7 +132,7 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     os.umask(request["umask"])
     sys.argv = list(request["argv"])
     sys.orig_argv = list(request["orig_argv"])
-    sys.path[:] = [_path0(request)] + _pythonpath(env) + setup.base_path
+    sys.path[:] = [_path0(request)] + _dedupe(_pythonpath(env) + setup.base_path)
     importlib.invalidate_caches()
     flags = request["flags"]
     sys.dont_write_bytecode = flags["B"] or bool(env.get("PYTHONDONTWRITEBYTECODE"))
@@ -145,11 +154,9 @@ def _path0(request: dict) -> str:
     path = os.path.abspath(request["target"])
     if os.path.isdir(path) or not path.endswith((".py", ".pyw")) and _is_zip(path):
         return path  # a directory or zip with __main__.py is itself sys.path[0]
-    for _ in range(40):  # python resolves a symlinked script (not its directories)
-        if not os.path.islink(path):
-            break
-        path = os.path.join(os.path.dirname(path), os.readlink(path))
-    return os.path.dirname(path)
+    # Python takes the directory of the script's real path: symlinks (of the file and of its
+    # directories) are resolved and ".." collapsed.
+    return os.path.dirname(os.path.realpath(path))
 
 
 def _is_zip(path: str) -> bool:
@@ -163,7 +170,20 @@ def _is_zip(path: str) -> bool:
 
 def _pythonpath(env) -> list:
     value = env.get("PYTHONPATH", "")
-    return [os.path.abspath(p) for p in value.split(os.pathsep) if p]
+    # As python's getpath: every entry made absolute, an empty one (a "::") meaning the cwd.
+    return [os.path.abspath(p) for p in value.split(os.pathsep)] if value else []
+
+
+def _dedupe(paths: list) -> list:
+    """site.removeduppaths(): python drops repeated entries before sys.path[0] is inserted."""
+    seen: set = set()
+    kept = []
+    for path in paths:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    return kept
 
 
 def _reseed() -> None:
@@ -192,44 +212,68 @@ def _fresh_main() -> types.ModuleType:
 def _execute(request: dict) -> int:
     """Run the user's code; return the exit status python would have (SIGINT_EXIT for ^C)."""
     main = _fresh_main()
-    mode, target = request["mode"], request["target"]
-    env = request["env"]
-    inspect = request["flags"]["i"] or bool(env.get("PYTHONINSPECT"))
-    try:
-        if mode == "repl":
-            from preloaded import repl
-
-            repl.interact(main, quiet=request["flags"]["q"], startup=True)
-        elif mode == "code":
-            exec(compile(target, "<string>", "exec"), main.__dict__)
-        elif mode == "module":
-            runpy._run_module_as_main(target, alter_argv=True)
-        elif mode == "stdin":
-            main.__file__ = "<stdin>"
-            source = sys.stdin.buffer.read() if sys.stdin else b""
-            exec(compile(source, "<stdin>", "exec"), main.__dict__)
-        else:
-            _run_script(main, target)
-        status = 0
-    except SystemExit as exc:
-        status = _system_exit_status(exc)
-    except BaseException as exc:
-        status = _report(exc)
-    if inspect and mode != "repl":
-        from preloaded import repl
-
-        try:
-            repl.interact(main, quiet=True, startup=False)
-        except SystemExit as exc:
-            return _system_exit_status(exc)
+    flags = request["flags"]
+    if request["mode"] == "repl":
+        return _interact(main, quiet=flags["q"], startup=True)
+    # Python's config->inspect (-i, or PYTHONINSPECT at start-up): SystemExit does not exit then.
+    inspect = flags["i"] or bool(os.environ.get("PYTHONINSPECT"))
+    status = _run_main(main, request, inspect)
+    # Python's pymain_repl(): PYTHONINSPECT may also have been set by the code itself, and
+    # without -i the prompt comes only on a terminal.
+    if (flags["i"] or os.environ.get("PYTHONINSPECT")) and (flags["i"] or os.isatty(0)):
+        return _interact(main, quiet=True, startup=False)
     return status
 
 
-def _run_script(main: types.ModuleType, target: str) -> None:
+def _interact(main: types.ModuleType, quiet: bool, startup: bool) -> int:
+    from preloaded import repl
+
+    try:
+        repl.interact(main, quiet=quiet, startup=startup)
+    except SystemExit as exc:
+        return _system_exit_status(exc)
+    return 0  # python's REPL ends with 0 at EOF, whatever failed before
+
+
+def _run_main(main: types.ModuleType, request: dict, inspect: bool) -> int:
+    mode, target = request["mode"], request["target"]
+    file_run = False  # a script or stdin run by python's _PyRun_SimpleFileObject
+    try:
+        if mode == "code":  # dont_inherit: this module's __future__ imports are not theirs
+            exec(compile(target, "<string>", "exec", dont_inherit=True), main.__dict__)
+        elif mode == "module":
+            runpy._run_module_as_main(target, alter_argv=True)
+        elif mode == "script" and sys.path[0] == os.path.abspath(target):
+            runpy._run_module_as_main("__main__", alter_argv=False)  # a directory or zip app
+        else:
+            filename, source = _read_file(main, mode, target)
+            file_run = True
+            try:
+                exec(compile(source, filename, "exec", dont_inherit=True), main.__dict__)
+            finally:
+                _flush_io()
+        status = 0
+    except SystemExit as exc:
+        if inspect:  # python prints it like any other exception and goes on to the prompt
+            status = _report(exc)
+        else:
+            file_run = False  # python exits from within the run: atexit still sees __file__
+            status = _system_exit_status(exc)
+    except BaseException as exc:
+        status = _report(exc)
+    if file_run:  # python deletes what it set for the run once the run is over
+        main.__dict__.pop("__file__", None)
+        main.__dict__.pop("__cached__", None)
+    return status
+
+
+def _read_file(main: types.ModuleType, mode: str, target: str) -> tuple:
+    """(filename, source) of a script or of stdin, with ``__main__`` set up as python does."""
+    if mode == "stdin":
+        main.__file__ = "<stdin>"
+        main.__cached__ = None
+        return "<stdin>", sys.stdin.buffer.read() if sys.stdin else b""
     path = os.path.abspath(target)
-    if sys.path[0] == path:  # a directory or zip application
-        runpy._run_module_as_main("__main__", alter_argv=False)
-        return
     try:
         with open(path, "rb") as f:
             source = f.read()
@@ -242,8 +286,17 @@ def _run_script(main: types.ModuleType, target: str) -> None:
     main.__file__ = path
     main.__cached__ = None
     main.__loader__ = SourceFileLoader("__main__", path)
-    code = compile(source, path, "exec", dont_inherit=True)
-    exec(code, main.__dict__)
+    return path, source
+
+
+def _flush_io() -> None:
+    """Python's flush_io() after running a file (before any traceback): errors are ignored;
+    a stdout that cannot be flushed fails again, loudly, at exit."""
+    for stream in (sys.stderr, sys.stdout):
+        try:
+            stream.flush()
+        except Exception:
+            pass
 
 
 def _system_exit_status(exc: SystemExit) -> int:

@@ -25,13 +25,29 @@ from preloaded.starter import main
 main({config!r})
 """
 
-# Run by the bundle's interpreter: can it host the server and find every module?
+# Run by the bundle's interpreter: can it host the server and find every module? A module found
+# only through the caller's cwd or PYTHONPATH needs its directory recorded: the server starts
+# in "/" without the caller's PYTHON* variables.
 CHECK = """\
-import importlib.util, json, sys
+import importlib.util, json, os, sys
 sys.path.append(sys.argv[1])
 import preloaded.server
-missing = [m for m in sys.argv[2:] if importlib.util.find_spec(m.split(".")[0]) is None]
-print(json.dumps({"executable": sys.executable, "missing": missing}))
+cwd = os.getcwd()
+user = {cwd} | {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+missing, extra = [], []
+for name in sys.argv[2:]:
+    spec = importlib.util.find_spec(name.split(".")[0])
+    if spec is None:
+        missing.append(name)
+        continue
+    where = spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or ()), "")
+    for entry in sys.path:
+        entry = os.path.abspath(entry or cwd)
+        if where.startswith(os.path.join(entry, "")):
+            if entry in user and entry not in extra:
+                extra.append(entry)
+            break
+print(json.dumps({"executable": sys.executable, "missing": missing, "path": extra}))
 """
 
 
@@ -116,7 +132,7 @@ def bundle(modules, output, python, idle_timeout) -> None:
             f"not importable by {python}: {names}; install them (pip install {names}) first"
         )
     config = {"python": python, "modules": list(modules), "idle_timeout": idle_timeout,
-              "pkg_root": PKG_ROOT}  # fmt: skip
+              "pkg_root": PKG_ROOT, "path": found["path"]}  # fmt: skip
     text = STARTER.format(python=python, modules=", ".join(modules), pkg_root=PKG_ROOT,
                           config=config)  # fmt: skip
     write_atomic(output, text, 0o755)

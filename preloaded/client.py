@@ -235,8 +235,11 @@ def exit_like(status) -> None:
     if kind == "signal":
         try:
             _signal.signal(value, _signal.SIG_DFL)
-            os.kill(os.getpid(), value)
         except (OSError, ValueError):
+            pass  # SIGKILL (and SIGSTOP) cannot be caught anyway: their action is the default
+        try:
+            os.kill(os.getpid(), value)
+        except OSError:
             pass
         os._exit(128 + value)
     os._exit(value & 0xFF)

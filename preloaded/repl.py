@@ -31,11 +31,35 @@ def interact(main, quiet: bool, startup: bool) -> None:
             hook()
         except Exception:
             sys.excepthook(*sys.exc_info())
-    console = code.InteractiveConsole(main.__dict__, filename="<stdin>")
+    console = _Console(main.__dict__, filename="<stdin>")
     for name, default in (("ps1", ">>> "), ("ps2", "... ")):
         if not hasattr(sys, name):
             setattr(sys, name, default)
     console.interact(banner="", exitmsg="")
+
+
+class _Console(code.InteractiveConsole):
+    """``code.InteractiveConsole`` with the C REPL's rules for prompts and flushing."""
+
+    def raw_input(self, prompt: str = "") -> str:
+        if os.isatty(0) and os.isatty(1):
+            return input(prompt)  # readline, prompt on stdout: python's PyOS_Readline()
+        # Python's PyOS_StdioReadline(): without a terminal on both ends the prompt goes to
+        # stderr (input() would put it on stdout).
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line[:-1] if line.endswith("\n") else line
+
+    def runcode(self, code) -> None:
+        super().runcode(code)
+        for stream in (sys.stderr, sys.stdout):  # python's flush_io() after each statement
+            try:
+                stream.flush()
+            except Exception:
+                pass
 
 
 def _run_startup_file(main) -> None:
@@ -49,7 +73,7 @@ def _run_startup_file(main) -> None:
         sys.stderr.write(f"Could not open PYTHONSTARTUP\n{type(exc).__name__}: {exc}\n")
         return
     try:
-        exec(compile(source, path, "exec"), main.__dict__)
+        exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)  # not our __future__
     except SystemExit:
         raise
     except BaseException:

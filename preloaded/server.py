@@ -29,6 +29,8 @@ STDIO = ("pipe", "pty", "closed")
 FORWARDABLE = {int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                                 signal.SIGUSR1, signal.SIGUSR2, signal.SIGSTOP, signal.SIGCONT,
                                 signal.SIGTSTP, signal.SIGWINCH)}  # fmt: skip
+# What a run that arrives while the server stops is told: the client retries with a new server.
+RETRY = {"error": "stale", "reason": "the server is stopping"}
 GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
                  int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
 
@@ -138,6 +140,9 @@ class Server:
         from preloaded import child, preload
 
         base_path = [p for p in sys.path[1:] if p != self.config["pkg_root"]]
+        # Directories the modules were found in at bundle time (the caller's cwd or PYTHONPATH):
+        # needed to import them here, but not part of a child's sys.path, as under python.
+        sys.path[0:0] = self.config.get("path", [])
         self.import_times, self.warnings = preload.import_modules(self.modules, log)
         stdout = sys.__stdout__
         self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
@@ -285,9 +290,8 @@ class Server:
         reason = self.stamps.changed()
         if reason:
             log(f"stale ({reason}): retiring; the next run starts a fresh server")
-            self._reply(conn, {"error": "stale", "reason": reason})
-            self._close(conn)
-            self.begin_stop()
+            # This run and any other waiting one get told to retry, after the socket is gone.
+            self.begin_stop(retry={"error": "stale", "reason": reason})
             return
         self._fork(conn, frame)
 
@@ -297,6 +301,7 @@ class Server:
             self._reply(conn, self.status())
         elif cmd == "stop":
             self._reply(conn, {"stopping": os.getpid()})
+            self._close(conn)
             self.begin_stop(kill_children=True)
         else:
             self._reply(conn, {"error": f"unknown command {cmd!r}"})
@@ -309,6 +314,7 @@ class Server:
             "runs": self.runs, "children": sorted(self.children), "warnings": self.warnings,
             "stale": self.stamps.changed() if self.stamps else None,
             "bundle": self.config["bundle"], "python": sys.executable,
+            "socket": self.paths.socket, "log": self.paths.log,
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
@@ -392,25 +398,41 @@ class Server:
             pass
         conn.sock.close()
 
-    def begin_stop(self, kill_children: bool = False) -> None:
-        """Stop taking runs: the socket goes away at once, running children finish (or not)."""
+    def begin_stop(self, kill_children: bool = False, retry: dict = RETRY) -> None:
+        """Stop taking runs: the socket goes away at once, running children finish (or not).
+
+        Runs not yet started get ``retry`` (a "stale" error): their clients start a new server.
+        """
         self.stopping = True
         if self.listener is not None:
-            self.sel.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
             for path in (self.paths.socket, self.paths.info):
                 _unlink_if_ours(path, self.socket_ino if path == self.paths.socket else None)
+            self.sel.unregister(self.listener)
+            self._drain_backlog(retry)
+            self.listener.close()
+            self.listener = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
         for conn in list(self.conns.values()):
             if conn.pid is None:
+                self._reply(conn, retry)
                 self._close(conn)
         if kill_children:
             for pid, conn in self.children.items():
                 _kill(pid, signal.SIGHUP, group=True)
                 conn.kill_at = time.monotonic() + KILL_GRACE
+
+
+    def _drain_backlog(self, retry: dict) -> None:
+        """Runs queued on the listener would see a reset and go cold: tell them to retry."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self._reply(Conn(sock), retry)
+            sock.close()
 
 
 def _kill(pid: int, signum: int, group: bool) -> None:

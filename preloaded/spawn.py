@@ -58,7 +58,7 @@ def _check_recent_failure(paths) -> None:
     except OSError:
         return
     if time.time() - st.st_mtime < FAILED_BACKOFF:
-        raise Fallback(f"the server failed to start ({_read_failure(paths)})")
+        raise Fallback(f"the server failed to start: {_read_failure(paths)}")
 
 
 def _read_failure(paths) -> str:

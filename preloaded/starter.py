@@ -100,7 +100,8 @@ def parse_args(args: list, stdin_isatty=None) -> Command:
     else:
         if stdin_isatty is None:
             stdin_isatty = os.isatty(0)
-        cmd.mode = "repl" if stdin_isatty else "stdin"
+        # -i makes python read stdin interactively (prompts, banner) even from a pipe.
+        cmd.mode = "repl" if stdin_isatty or cmd.flags["i"] else "stdin"
         cmd.argv = [""]
     return cmd
 
@@ -114,6 +115,14 @@ def env_cold_reason(env) -> str | None:
             if name == "PYTHONHASHSEED" and env[name] == "random":
                 continue
             return f"{name} is set"
+    encoding = env.get("PYTHONIOENCODING", "").partition(":")[0]
+    if encoding:
+        import codecs  # already loaded by the interpreter's start-up: costs nothing
+
+        try:
+            codecs.lookup(encoding)
+        except LookupError:  # python fails at start-up ("Fatal Python error"): let it
+            return f"unknown PYTHONIOENCODING codec {encoding!r}"
     return None
 
 

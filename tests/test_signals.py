@@ -1,0 +1,160 @@
+"""Signals of a warm run on pipes: forwarding, death by signal, ends of the client, leftovers.
+
+Differential where it applies: the same script under the real interpreter gets the same
+signal, and exit status, stdout and stderr must match. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import PYTHON, server_pids
+
+TIMEOUT = 15
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+HANDLERS = """\
+import os, signal, sys, time
+codes = {%s}
+def handler(signum, frame):  # os.write: the signal may come while print("ready") returns
+    os.write(1, f"got {signal.Signals(signum).name}\\n".encode())
+    sys.exit(codes[signum])
+for signum in codes:
+    signal.signal(signum, handler)
+print("ready", os.getpid(), flush=True)
+time.sleep(20)
+print("not signalled", flush=True)
+""" % ", ".join(f"signal.{name}: {20 + i}" for i, name in enumerate(FORWARDED))
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+def _start(exe: str, code: str) -> tuple:
+    """Popen ``exe -c code`` on pipes; wait for its "ready PID" line; return (proc, pid)."""
+    proc = subprocess.Popen([exe, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    line = proc.stdout.readline()  # the script prints it at once; the deadline is its sleep
+    assert line.startswith("ready "), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(line.split()[1])
+
+
+def _outcome(proc) -> tuple:
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pid: int, limit: float) -> float:
+    """Seconds until ``pid`` is no longer running, at most ``limit``."""
+    start = time.monotonic()
+    while _running(pid) and time.monotonic() - start < limit:
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("name", FORWARDED)
+def test_signal_reaches_the_child(light_bundle, name):
+    results = []
+    for exe in (PYTHON, light_bundle):
+        proc, _pid = _start(exe, HANDLERS)
+        proc.send_signal(getattr(signal, name))
+        results.append(_outcome(proc))
+    cold, warm = results
+    assert cold == (20 + FORWARDED.index(name), f"got {name}\n", "")
+    assert warm == cold
+
+
+DEATHS = {
+    "SIGKILL": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+    "SIGTERM": "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+    "SIGSEGV": "import ctypes; ctypes.string_at(0)",
+    "SIGABRT": "import os; os.abort()",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEATHS))
+def test_death_by_signal_is_mirrored(light_bundle, name):
+    code = "print('before', flush=True)\n" + DEATHS[name]
+    cold = subprocess.run([PYTHON, "-c", code], capture_output=True, timeout=TIMEOUT, env=_env())
+    warm = subprocess.run([light_bundle, "-c", code], capture_output=True, timeout=TIMEOUT,
+                          env=_env())  # fmt: skip
+    assert cold.returncode == -getattr(signal, name)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout,
+                                                           cold.stderr)  # fmt: skip
+
+
+def test_uncaught_keyboard_interrupt_ends_by_sigint(light_bundle):
+    code = "def f():\n    raise KeyboardInterrupt\nf()\n"
+    cold = subprocess.run([PYTHON, "-c", code], capture_output=True, timeout=TIMEOUT, env=_env())
+    warm = subprocess.run([light_bundle, "-c", code], capture_output=True, timeout=TIMEOUT,
+                          env=_env())  # fmt: skip
+    assert cold.returncode == warm.returncode == -signal.SIGINT
+    assert warm.stderr == cold.stderr and b"KeyboardInterrupt" in warm.stderr
+
+
+def test_sigint_without_handler_ends_by_sigint(light_bundle):
+    code = "import os, time\nprint('ready', os.getpid(), flush=True)\ntime.sleep(20)\n"
+    results = []
+    for exe in (PYTHON, light_bundle):
+        proc, _pid = _start(exe, code)
+        proc.send_signal(signal.SIGINT)
+        results.append(_outcome(proc))
+    assert results[0][0] == -signal.SIGINT
+    assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("ignore_hup", [False, True], ids=["plain", "ignores-SIGHUP"])
+def test_client_killed_ends_the_child(light_bundle, ignore_hup):
+    code = "import os, signal, time\n"
+    if ignore_hup:
+        code += "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    code += "print('ready', os.getpid(), flush=True)\ntime.sleep(30)\n"
+    proc, pid = _start(light_bundle, code)
+    assert _running(pid)
+    proc.kill()
+    proc.communicate(timeout=TIMEOUT)
+    assert _wait_gone(pid, 5) < 1.5
+    assert not _running(pid)
+
+
+def test_no_zombie_children_left_in_the_server(light_bundle):
+    """After the runs above (and one more), the server has reaped every child it forked."""
+    subprocess.run([light_bundle, "-c", "pass"], check=True, timeout=TIMEOUT, env=_env())
+    pids = server_pids()
+    assert pids
+    deadline = time.monotonic() + 3
+    while True:
+        zombies = []
+        for pid in pids:
+            try:
+                children = psutil.Process(pid).children()
+            except psutil.NoSuchProcess:
+                continue
+            for child in children:
+                try:
+                    if child.status() == psutil.STATUS_ZOMBIE:
+                        zombies.append(child.pid)
+                except psutil.NoSuchProcess:
+                    pass
+        if not zombies or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert zombies == []
