@@ -96,63 +96,99 @@ def run(config: dict, bundle: str, cmd, args: list):
     kinds = stdio_kinds()
     for _attempt in range(3):
         sock = open_server(config, bundle)
-        relay = None
-        if "tty" in kinds:
-            from preloaded.ptyrelay import PtyRelay
-
-            relay = PtyRelay(kinds)
-            fds = relay.child_fds()
-        else:
-            fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
-        request = build_request(cmd, args, config["python"], ["pty" if k == "tty" else k for k in kinds])
+        # Handlers go in before raw mode and before the child exists: a signal that comes while
+        # the run starts is forwarded once it has started, and never leaves the terminal raw.
+        signals = _Signals(tty="tty" in kinds)
+        started = False
         try:
-            wire.send(sock, request, fds)
-            reader = wire.FrameReader()
-            reply = wire.recv_frame(sock, reader)
-        except (OSError, EOFError, wire.ProtocolError) as exc:
+            relay = None
+            if "tty" in kinds:
+                from preloaded.ptyrelay import PtyRelay
+
+                relay = PtyRelay(kinds)
+                fds = relay.child_fds()
+            else:
+                fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
+            reply, reader = _hand_over(sock, fds, cmd, args, config, kinds)
+            if "started" in reply:
+                started = True
+                return _wait(sock, reader, relay, signals.rfd)
             sock.close()
             if relay:
                 relay.close()
-            raise Fallback(f"the server did not take the run ({exc})") from exc
+        except BaseException:
+            if not started:  # going cold (or dying): never with the terminal left in raw mode
+                sock.close()
+                if relay:
+                    relay.close()
+            raise
         finally:
-            for fd in set(fds) - {0, 1, 2}:  # the PTY slave or /dev/null: the child has them now
-                os.close(fd)
-        if "started" in reply:
-            return _wait(sock, reader, relay)
-        sock.close()
-        if relay:
-            relay.close()
+            signals.restore(redeliver=not started)
         if reply.get("error") != "stale":
             raise Fallback(f"the server refused the run: {reply.get('error')}")
         # The server noticed its environment changed and is retiring: start a fresh one.
     raise Fallback("the server kept restarting")
 
 
+def _hand_over(sock, fds, cmd, args, config, kinds):
+    """Send the request with the child's fds; return the server's first reply and the reader."""
+    try:
+        stdio = ["pty" if k == "tty" else k for k in kinds]
+        request = build_request(cmd, args, config["python"], stdio)
+        wire.send(sock, request, fds)
+        reader = wire.FrameReader()
+        return wire.recv_frame(sock, reader), reader
+    except (OSError, EOFError, wire.ProtocolError) as exc:
+        raise Fallback(f"the server did not take the run ({exc})") from exc
+    finally:
+        for fd in set(fds) - {0, 1, 2}:  # the PTY slave or /dev/null: the child has them now
+            os.close(fd)
+
+
 def _devnull() -> int:
     return os.open(os.devnull, os.O_RDWR)
 
 
-def _wait(sock, reader, relay):
+class _Signals:
+    """The client's handlers during a run: they only write the signal number to a pipe."""
+
+    def __init__(self, tty: bool) -> None:
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(self.wfd, False)
+        self.old_wakeup = _signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        handled = [getattr(_signal, name) for name in FORWARDED]
+        handled.append(_signal.SIGTSTP)
+        if tty:
+            handled += [_signal.SIGWINCH, _signal.SIGCONT]
+        self.previous = {signum: _signal.signal(signum, _noop) for signum in handled}
+
+    def restore(self, redeliver: bool) -> None:
+        """Put the old handlers back; with ``redeliver``, signals that came meanwhile act now."""
+        pending = b""
+        if redeliver:
+            try:
+                pending = os.read(self.rfd, 64)
+            except OSError:
+                pass
+        for signum, handler in self.previous.items():
+            _signal.signal(signum, handler)
+        _signal.set_wakeup_fd(self.old_wakeup)
+        os.close(self.rfd)
+        os.close(self.wfd)
+        forwarded = {getattr(_signal, name) for name in FORWARDED}
+        for signum in pending:
+            if signum in forwarded:
+                os.kill(os.getpid(), signum)
+
+
+def _wait(sock, reader, relay, wakeup_fd):
     """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
-    rfd, wfd = os.pipe()
-    os.set_blocking(rfd, False)
-    os.set_blocking(wfd, False)
-    old_wakeup = _signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    handled = [getattr(_signal, name) for name in FORWARDED]
-    extra = [_signal.SIGWINCH, _signal.SIGTSTP, _signal.SIGCONT] if relay else [_signal.SIGTSTP]
-    previous = {}
-    for signum in handled + extra:
-        previous[signum] = _signal.signal(signum, _noop)
     try:
         if relay:
-            return relay.run(sock, reader, rfd)
-        return _wait_pipes(sock, reader, rfd)
+            return relay.run(sock, reader, wakeup_fd)
+        return _wait_pipes(sock, reader, wakeup_fd)
     finally:
-        for signum, handler in previous.items():
-            _signal.signal(signum, handler)
-        _signal.set_wakeup_fd(old_wakeup)
-        os.close(rfd)
-        os.close(wfd)
         sock.close()
 
 

@@ -64,14 +64,14 @@ class PtyRelay:
         mode[6][termios.VMIN] = 1
         mode[6][termios.VTIME] = 0
         try:
-            termios.tcsetattr(self.term_in, termios.TCSAFLUSH, mode)
+            termios.tcsetattr(self.term_in, termios.TCSANOW, mode)  # not FLUSH: keep type-ahead
         except termios.error:
             pass
 
     def restore(self) -> None:
         if self.term_in is not None and self.saved is not None:
             try:
-                termios.tcsetattr(self.term_in, termios.TCSAFLUSH, self.saved)
+                termios.tcsetattr(self.term_in, termios.TCSANOW, self.saved)
             except termios.error:
                 pass
 

@@ -98,7 +98,8 @@ def test_repl_evaluates_multiline_and_tracebacks(spawn, light_bundle):
     child.sendline("")
     child.expect_exact("item 0\r\nitem 10\r\n>>> ")
     child.sendline("undefined_name")
-    child.expect_exact('Traceback (most recent call last):\r\n  File "<stdin>", line 1, in <module>')
+    child.expect_exact('Traceback (most recent call last):\r\n')
+    child.expect_exact('  File "<stdin>", line 1, in <module>\r\n')
     child.expect_exact("NameError: name 'undefined_name' is not defined")
     child.expect_exact(">>> ")
     assert "preloaded" not in child.before
@@ -116,6 +117,15 @@ def test_readline_editing_and_history(spawn, light_bundle):
     child.send("\x1b[A\x1b[A\r")  # Up-arrow twice: the line before the last one
     child.expect_exact("\r\n12\r\n>>> ")
     child.sendeof()
+    assert _finish(child) == (0, None)
+
+
+def test_type_ahead_is_not_lost(spawn, light_bundle):
+    """Keys typed before the relay starts reach the child, as they reach python."""
+    child = spawn(light_bundle, ["-c", "print('got', input())"])
+    child.delaybeforesend = None
+    child.sendline("typed ahead")  # at once: most likely before the client is in raw mode
+    child.expect_exact("got typed ahead\r\n")
     assert _finish(child) == (0, None)
 
 
@@ -263,6 +273,20 @@ def test_terminal_restored(spawn, light_bundle, tmp_path, how, status):
     assert child.match.group(2) == before
     assert _finish(child) == (0, None)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_terminal_restored_when_the_run_goes_cold(spawn, light_bundle, tmp_path):
+    """A deleted cwd makes the client fall back to python after it set up the PTY."""
+    gone = tmp_path / "gone"
+    shell = (f"stty -g; mkdir {gone}; cd {gone}; rmdir {gone}; "
+             f"{light_bundle} -c 'import sys; print(\"cold\", sys.stdin.isatty())'; "
+             "echo rc=$?; stty -g")  # fmt: skip
+    child = spawn("bash", ["--norc", "--noprofile", "-c", shell])
+    child.expect(r"(\S+)\r\n")
+    before = child.match.group(1)
+    child.expect(r"cold True\r\nrc=0\r\n(\S+)\r\n")
+    assert child.match.group(1) == before
+    assert _finish(child) == (0, None)
 
 
 def test_crash_in_raw_mode_shows_traceback(spawn, light_bundle, tmp_path):
