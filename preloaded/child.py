@@ -191,9 +191,11 @@ def _reseed() -> None:
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         np_random.seed()
-    torch = sys.modules.get("torch")
-    if torch is not None and hasattr(torch, "seed"):
-        torch.seed()
+    # Only the CPU generator: a fresh process seeds it randomly, while its CUDA generators start
+    # from torch's fixed default seed (torch.seed() would change those, and costs a few ms).
+    generator = getattr(sys.modules.get("torch.random"), "default_generator", None)
+    if generator is not None:
+        generator.seed()
 
 
 def _fresh_main() -> types.ModuleType:

@@ -223,6 +223,9 @@ def send_signal(sock, signum: int) -> None:
 
 def read_status(sock, reader):
     """Read what the server sent; return the final status once it is there, else None."""
+    status = _buffered_status(reader)  # "started" and "exit" can arrive in one recv
+    if status:
+        return status
     try:
         data = sock.recv(65536)
     except OSError:
@@ -231,6 +234,10 @@ def read_status(sock, reader):
         os.write(2, b"py-preload: lost the server during the run\n")
         return ("exit", 1)
     reader.feed(data)
+    return _buffered_status(reader)
+
+
+def _buffered_status(reader):
     try:
         for frame in reader.frames():
             if "exit" in frame:

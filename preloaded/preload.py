@@ -31,14 +31,14 @@ def cuda_initialised() -> bool:
 
 
 def import_modules(modules, log) -> tuple:
-    """Import ``modules`` in order; return ({name: seconds}, [warnings]).
+    """Import ``modules`` in order; return ({name: seconds}, [(module, new threads)]).
 
     Raises ImportError (naming the module) or ForkUnsafe (naming the module that initialised
-    CUDA). Threads are only warned about: some libraries start a harmless idle thread.
+    CUDA). Threads are only suspected here: see ``thread_warnings``.
     """
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     times: dict = {}
-    warnings: list = []
+    suspects: list = []
     threads = thread_count()
     for name in modules:
         start = time.perf_counter()
@@ -55,13 +55,20 @@ def import_modules(modules, log) -> tuple:
             )
         now = thread_count()
         if now > threads:
-            warnings.append(
-                f"importing {name} started {now - threads} thread(s); they do not survive fork"
-                " and can deadlock children"
-            )
-            log("warning: " + warnings[-1])
+            suspects.append((name, now - threads))
             threads = now
-    return times, warnings
+    return times, suspects
+
+
+def thread_warnings(suspects, baseline: int) -> list:
+    """Warnings for threads still alive after settling (torch starts one that soon ends)."""
+    if thread_count() <= baseline:
+        return []
+    return [
+        f"importing {name} started {count} thread(s); they do not survive fork"
+        " and can deadlock children"
+        for name, count in suspects
+    ]
 
 
 def settle() -> None:

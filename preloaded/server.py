@@ -143,11 +143,15 @@ class Server:
         # Directories the modules were found in at bundle time (the caller's cwd or PYTHONPATH):
         # needed to import them here, but not part of a child's sys.path, as under python.
         sys.path[0:0] = self.config.get("path", [])
-        self.import_times, self.warnings = preload.import_modules(self.modules, log)
+        baseline = preload.thread_count()
+        self.import_times, suspects = preload.import_modules(self.modules, log)
         stdout = sys.__stdout__
         self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
         self.stamps = Stamps.collect(self.config["bundle"], sys.executable)
         preload.settle()
+        self.warnings = preload.thread_warnings(suspects, baseline)
+        for warning in self.warnings:
+            log("warning: " + warning)
 
     def listen(self) -> None:
         tmp = f"{self.paths.socket}.{os.getpid()}"
