@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import click
 
@@ -198,7 +197,7 @@ def _format_status(st: dict) -> str:
     lines = [
         f"bundle:    {st['bundle']}",
         f"pid:       {st['pid']}   uptime {st['uptime']:.0f} s   runs served {st['runs']}",
-        f"modules:   " + ", ".join(f"{m} ({t:.2f} s)" for m, t in st["import_times"].items()),
+        "modules:   " + ", ".join(f"{m} ({t:.2f} s)" for m, t in st["import_times"].items()),
         f"children:  {len(st['children'])} running",
         f"memory:    RSS {mb(server.get('rss'))}, PSS {mb(server.get('pss'))}",
         f"stale:     {st['stale'] or 'no'}",

@@ -7,7 +7,6 @@ and a connection that closes early takes its child down with it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import selectors
@@ -426,7 +425,6 @@ class Server:
             for pid, conn in self.children.items():
                 _kill(pid, signal.SIGHUP, group=True)
                 conn.kill_at = time.monotonic() + KILL_GRACE
-
 
     def _drain_backlog(self, retry: dict) -> None:
         """Runs queued on the listener would see a reset and go cold: tell them to retry."""

@@ -18,9 +18,13 @@ START_TIMEOUT = 600.0  # seconds; importing torch from a cold network file syste
 FAILED_BACKOFF = 30.0  # after a failed start, run cold without retrying for this long
 ALREADY_RUNNING = 3  # server exit status: another server holds the bundle's lock
 
-# Variables python reads at start-up: the server must not take the first caller's, because every
-# child applies its own caller's (PYTHONPATH, PYTHONWARNINGS, ...) over the server's state.
+
 def server_env(env) -> dict:
+    """The caller's environment without PYTHON* variables.
+
+    The server must not take the first caller's PYTHONPATH, PYTHONWARNINGS, ...: every child
+    applies its own caller's over the server's state.
+    """
     clean = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
     clean["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() must not initialise CUDA
     return clean
