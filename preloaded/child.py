@@ -33,7 +33,7 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
     """Run ``request`` in this freshly forked process; never returns."""
     status = 1
     try:
-        _reset_process(server_fds)
+        _reset_process(server_fds, request["ignored"])
         _install_stdio(request, fds, setup)
         _apply_environment(request, setup)
         status = _execute(request)
@@ -53,7 +53,7 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
         os._exit(status & 0xFF)
 
 
-def _reset_process(server_fds: list) -> None:
+def _reset_process(server_fds: list, ignored: list) -> None:
     """Undo what the server set up: its fds, its signal handling, its session."""
     signal.set_wakeup_fd(-1)
     for fd in server_fds:
@@ -65,6 +65,8 @@ def _reset_process(server_fds: list) -> None:
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
+    for signum in ignored:  # inherited "ignore" survives exec, and python leaves it so
+        signal.signal(signum, signal.SIG_IGN)
     os.setsid()  # own session and process group: signals can reach the whole job
 
 

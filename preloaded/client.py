@@ -40,6 +40,16 @@ def connect(path: str):
     return sock
 
 
+# Dispositions a child inherits from its caller when they are "ignore" (nohup ignores SIGHUP,
+# a non-interactive shell's `cmd &` ignores SIGINT and SIGQUIT): python keeps them, so must we.
+INHERITABLE = FORWARDED + ("SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGWINCH", "SIGCONT")
+
+
+def ignored_signals() -> list:
+    signums = [getattr(_signal, name) for name in INHERITABLE]
+    return [s for s in signums if _signal.getsignal(s) == _signal.SIG_IGN]
+
+
 def build_request(cmd, args: list, python: str, stdio: list) -> dict:
     """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
     try:
@@ -59,6 +69,7 @@ def build_request(cmd, args: list, python: str, stdio: list) -> dict:
         "umask": umask,
         "flags": cmd.flags,
         "stdio": stdio,
+        "ignored": ignored_signals(),
     }
 
 
@@ -161,6 +172,8 @@ class _Signals:
         handled.append(_signal.SIGTSTP)
         if tty:
             handled += [_signal.SIGWINCH, _signal.SIGCONT]
+        ignored = ignored_signals()  # not to be forwarded: the child ignores them too
+        handled = [s for s in handled if s not in ignored]
         self.previous = {signum: _signal.signal(signum, _noop) for signum in handled}
 
     def restore(self, redeliver: bool) -> None:

@@ -47,7 +47,8 @@ def validate_request(req, nfds: int) -> None:
     """Raise BadRequest unless ``req`` is a well-formed run request with 3 descriptors."""
     if not isinstance(req, dict):
         raise BadRequest("request is not an object")
-    expected = {"v", "mode", "target", "argv", "orig_argv", "cwd", "env", "umask", "flags", "stdio"}
+    expected = {"v", "mode", "target", "argv", "orig_argv", "cwd", "env", "umask", "flags", "stdio",
+                "ignored"}
     unknown = set(req) - expected
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -76,6 +77,9 @@ def validate_request(req, nfds: int) -> None:
     stdio = req["stdio"]
     if not isinstance(stdio, list) or len(stdio) != 3 or any(k not in STDIO for k in stdio):
         raise BadRequest("stdio must list 3 of pipe, pty, closed")
+    ignored = req["ignored"]
+    if not isinstance(ignored, list) or not all(type(s) is int and 0 < s < 65 for s in ignored):
+        raise BadRequest("ignored must list signal numbers")
     if nfds != 3:
         raise BadRequest(f"expected 3 file descriptors, got {nfds}")
 

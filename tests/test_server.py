@@ -220,7 +220,7 @@ def test_edited_preloaded_module_makes_a_new_server(module_dir):
 
 
 GOOD = {"v": 1, "mode": "code", "target": "print(1)", "argv": ["-c"], "orig_argv": [PYTHON],
-        "cwd": "/", "env": {}, "umask": 0o22, "stdio": ["pipe", "pipe", "pipe"],
+        "cwd": "/", "env": {}, "umask": 0o22, "stdio": ["pipe", "pipe", "pipe"], "ignored": [],
         "flags": {"u": False, "B": False, "i": False, "q": False, "W": []}}  # fmt: skip
 
 

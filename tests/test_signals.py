@@ -127,6 +127,35 @@ def test_sigint_without_handler_ends_by_sigint(light_bundle):
     assert "preloaded" not in warm_err
 
 
+def _ignore_hup_int_quit() -> None:  # what `nohup cmd &` in a non-interactive shell leaves
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def test_inherited_ignored_signals_stay_ignored(light_bundle):
+    """Guards: a warm child installed KeyboardInterrupt/SIG_DFL where python keeps an inherited
+    SIG_IGN, so `nohup ./FILE x.py &` died on hangup and `kill -INT` ended a background job."""
+    code = ("import os, signal, sys, time\n"
+            "print('ready', os.getpid(), [signal.getsignal(s) for s in "
+            "(signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)], flush=True)\n"
+            "sys.stdin.read(); print('still here', flush=True)\n")  # fmt: skip
+    results = []
+    for exe in (PYTHON, light_bundle):
+        proc = subprocess.Popen([exe, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=_env(),
+                                preexec_fn=_ignore_hup_int_quit)  # fmt: skip
+        line = proc.stdout.readline()
+        for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+            proc.send_signal(signum)
+        time.sleep(0.3)
+        assert proc.poll() is None, f"{exe} died of an ignored signal"
+        out, err = proc.communicate(input="", timeout=TIMEOUT)
+        results.append((proc.returncode, line.split(None, 2)[2], out, err))
+    assert results[0] == results[1]
+    assert "Handlers.SIG_IGN: 1>, <Handlers.SIG_IGN: 1>, <Handlers.SIG_IGN" in results[1][1]
+
+
+
 @pytest.mark.parametrize("ignore_hup", [False, True], ids=["plain", "ignores-SIGHUP"])
 def test_client_killed_ends_the_child(light_bundle, ignore_hup):
     code = "import os, signal, time\n"
