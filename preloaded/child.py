@@ -354,9 +354,8 @@ def _finalize(status: int) -> int:
 
     try:
         threading._shutdown()
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            pass
+    except BaseException:  # e.g. ^C while waiting: stop waiting and go on to atexit, as python
+        pass
     import atexit
 
     atexit._run_exitfuncs()
@@ -384,9 +383,7 @@ def _flush_std_files() -> bool:
 
 def _write_unraisable(obj, exc: BaseException) -> None:
     try:
-        sys.stderr.write(
-            f"Exception ignored in: {obj!r}\n{type(exc).__name__}: {exc}\n"
-        )
+        sys.stderr.write(f"Exception ignored in: {obj!r}\n{type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
     except Exception:
         pass
