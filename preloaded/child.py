@@ -255,7 +255,7 @@ def _run_main(main: types.ModuleType, request: dict, inspect: bool) -> int:
             try:
                 exec(compile(source, filename, "exec", dont_inherit=True), main.__dict__)
             finally:
-                _flush_io()
+                flush_io()
         status = 0
     except SystemExit as exc:
         if inspect:  # python prints it like any other exception and goes on to the prompt
@@ -293,7 +293,7 @@ def _read_file(main: types.ModuleType, mode: str, target: str) -> tuple:
     return path, source
 
 
-def _flush_io() -> None:
+def flush_io() -> None:
     """Python's flush_io() after running a file (before any traceback): errors are ignored;
     a stdout that cannot be flushed fails again, loudly, at exit."""
     for stream in (sys.stderr, sys.stdout):

@@ -50,7 +50,7 @@ def ignored_signals() -> list:
     return [s for s in signums if _signal.getsignal(s) == _signal.SIG_IGN]
 
 
-def build_request(cmd, args: list, python: str, stdio: list) -> dict:
+def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> dict:
     """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
     try:
         cwd = os.getcwd()
@@ -69,7 +69,7 @@ def build_request(cmd, args: list, python: str, stdio: list) -> dict:
         "umask": umask,
         "flags": cmd.flags,
         "stdio": stdio,
-        "ignored": ignored_signals(),
+        "ignored": ignored,
     }
 
 
@@ -105,14 +105,16 @@ def open_server(config: dict, bundle: str):
 def run(config: dict, bundle: str, cmd, args: list):
     """Run ``cmd`` warm; return ("exit", code) or ("signal", n). Raises Fallback to run cold."""
     kinds = stdio_kinds()
+    ignored = ignored_signals()
     for _attempt in range(3):
         sock = open_server(config, bundle)
         # Handlers go in before raw mode and before the child exists: a signal that comes while
         # the run starts is forwarded once it has started, and never leaves the terminal raw.
-        signals = _Signals(tty="tty" in kinds)
+        signals = _Signals(tty="tty" in kinds, ignored=ignored)
         started = False
         try:
             relay = None
+            request = build_request(cmd, args, config["python"], _stdio(kinds), ignored)
             if "tty" in kinds:
                 from preloaded.ptyrelay import PtyRelay
 
@@ -120,7 +122,7 @@ def run(config: dict, bundle: str, cmd, args: list):
                 fds = relay.child_fds()
             else:
                 fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
-            reply, reader = _hand_over(sock, fds, cmd, args, config, kinds)
+            reply, reader = _hand_over(sock, fds, request)
             if "started" in reply:
                 started = True
                 return _wait(sock, reader, relay, signals.rfd)
@@ -141,11 +143,13 @@ def run(config: dict, bundle: str, cmd, args: list):
     raise Fallback("the server kept restarting")
 
 
-def _hand_over(sock, fds, cmd, args, config, kinds):
+def _stdio(kinds: list) -> list:
+    return ["pty" if kind == "tty" else kind for kind in kinds]
+
+
+def _hand_over(sock, fds, request: dict):
     """Send the request with the child's fds; return the server's first reply and the reader."""
     try:
-        stdio = ["pty" if k == "tty" else k for k in kinds]
-        request = build_request(cmd, args, config["python"], stdio)
         wire.send(sock, request, fds)
         reader = wire.FrameReader()
         return wire.recv_frame(sock, reader), reader
@@ -163,7 +167,7 @@ def _devnull() -> int:
 class _Signals:
     """The client's handlers during a run: they only write the signal number to a pipe."""
 
-    def __init__(self, tty: bool) -> None:
+    def __init__(self, tty: bool, ignored: list) -> None:
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)
         os.set_blocking(self.wfd, False)
@@ -172,8 +176,7 @@ class _Signals:
         handled.append(_signal.SIGTSTP)
         if tty:
             handled += [_signal.SIGWINCH, _signal.SIGCONT]
-        ignored = ignored_signals()  # not to be forwarded: the child ignores them too
-        handled = [s for s in handled if s not in ignored]
+        handled = [s for s in handled if s not in ignored]  # the child ignores them too
         self.previous = {signum: _signal.signal(signum, _noop) for signum in handled}
 
     def restore(self, redeliver: bool) -> None:

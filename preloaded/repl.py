@@ -54,12 +54,10 @@ class _Console(code.InteractiveConsole):
         return line[:-1] if line.endswith("\n") else line
 
     def runcode(self, code) -> None:
+        from preloaded.child import flush_io
+
         super().runcode(code)
-        for stream in (sys.stderr, sys.stdout):  # python's flush_io() after each statement
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        flush_io()  # as python's REPL does after each statement
 
 
 def _run_startup_file(main) -> None:
