@@ -7,6 +7,7 @@ falls back into the server's loop nor pays the interpreter's teardown.
 from __future__ import annotations
 
 import builtins
+import ctypes  # imported by the server, so that each child can arm PR_SET_PDEATHSIG at no cost
 import importlib
 import io
 import os
@@ -18,6 +19,11 @@ import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: children may outlive a killed server
+    _prctl = None
 
 
 class Setup:
@@ -27,12 +33,14 @@ class Setup:
         self.base_path = base_path
         self.encoding = encoding
         self.errors = errors
+        self.server_pid = os.getpid()  # built in the server: the parent every child must have
 
 
 def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
     """Run ``request`` in this freshly forked process; never returns."""
     status = 1
     try:
+        _die_with_server(setup.server_pid)
         _reset_process(server_fds, request["ignored"])
         _install_stdio(request, fds, setup)
         _apply_environment(request, setup)
@@ -51,6 +59,19 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
             os.kill(os.getpid(), signal.SIGINT)
             status = 128 + signal.SIGINT
         os._exit(status & 0xFF)
+
+
+def _die_with_server(server_pid: int) -> None:
+    """Have the kernel SIGKILL this child when the server dies.
+
+    Without it a server killed by SIGKILL (OOM killer, ``kill -9``) leaves its running children
+    behind, reparented to init and out of reach of their clients. Checking the parent after
+    arming closes the race with a server that died between fork and prctl.
+    """
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != server_pid:
+        os._exit(1)
 
 
 def _reset_process(server_fds: list, ignored: list) -> None:

@@ -21,7 +21,8 @@ from preloaded.staleness import Stamps
 
 ALREADY_RUNNING = 3
 FIRST_FRAME_TIMEOUT = 10.0  # a client that connects and never sends is dropped after this
-KILL_GRACE = 1.0  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
+KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
+LOCK_WAIT = 5.0  # a new server waits this long for a retiring one (lost socket) to let go
 MODES = ("script", "module", "code", "stdin", "repl")
 STDIO = ("pipe", "pty", "closed")
 # Signals the client may forward; terminal-style ones go to the child's whole process group.
@@ -34,9 +35,17 @@ GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
                  int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
 
 
+LOG_PROBLEMS: list = []  # why the log cannot be written (disk full, ...): shown by status
+
+
 def log(message: str) -> None:
-    sys.stderr.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
-    sys.stderr.flush()
+    # os.write, not sys.stderr: a full disk must neither raise in the loop nor pile up a buffer.
+    line = time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n"
+    try:
+        os.write(2, line.encode("utf-8", "backslashreplace"))
+    except OSError as exc:
+        if not LOG_PROBLEMS:
+            LOG_PROBLEMS.append(f"cannot write the log: {exc.strerror}; the server keeps serving")
 
 
 class BadRequest(Exception):
@@ -133,7 +142,7 @@ class Server:
 
         self.lock = FileLock(self.paths.server_lock)
         try:
-            self.lock.acquire(timeout=0)
+            self.lock.acquire(timeout=LOCK_WAIT)
         except Timeout:
             return False
         self.lock_fds = _lock_fds(self.paths.server_lock)  # children must not keep it held
@@ -201,6 +210,7 @@ class Server:
             for key, _mask in events:
                 key.data(key.fileobj)
             self._check_deadlines()
+            self._check_socket()
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -226,6 +236,19 @@ class Server:
             log(f"idle for {self.idle_timeout:.0f} s: exiting")
             self.begin_stop()
 
+    def _check_socket(self) -> None:
+        """Retire when our socket file was removed or replaced: no run could reach us any more,
+        and the next run's new server waits for our lock (see LOCK_WAIT)."""
+        if self.listener is None or self.stopping:
+            return
+        try:
+            ours = os.stat(self.paths.socket).st_ino == self.socket_ino
+        except OSError:
+            ours = False
+        if not ours:
+            log(f"socket {self.paths.socket} removed or replaced: retiring")
+            self.begin_stop()
+
     def _handle_wakeup(self, _fileobj) -> None:
         try:
             signals = os.read(self.wake_r, 512)
@@ -249,6 +272,7 @@ class Server:
                 return
             if not _peer_is_us(sock):
                 log("refused a connection from another user")
+                self._reply(Conn(sock), {"error": "connection from another user refused"})
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -318,8 +342,9 @@ class Server:
         return {
             "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
             "modules": self.modules, "import_times": self.import_times,
-            "runs": self.runs, "children": sorted(self.children), "warnings": self.warnings,
+            "runs": self.runs, "children": sorted(self.children),
             "stale": self.stamps.changed() if self.stamps else None,
+            "warnings": self.warnings + LOG_PROBLEMS,
             "bundle": self.config["bundle"], "python": sys.executable,
             "socket": self.paths.socket, "log": self.paths.log,
         }  # fmt: skip
@@ -329,7 +354,12 @@ class Server:
 
         fds, conn.fds = conn.fds, []
         server_fds = self._own_fds()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
+            wire.close_all(fds)
+            self._reject(conn, f"cannot fork: {exc.strerror}")
+            return
         if pid == 0:
             try:
                 child.run(request, fds, server_fds, self.child_setup)
@@ -497,7 +527,8 @@ def _open_log(path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if os.fstat(fd).st_size > 4 << 20:
             os.ftruncate(fd, 0)
-    except OSError:
+    except OSError as exc:
+        LOG_PROBLEMS.append(f"cannot open the log {path}: {exc.strerror}; logging to nowhere")
         fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -528,11 +559,14 @@ def main() -> None:
         from preloaded.preload import ForkUnsafe
 
         message = str(exc) if isinstance(exc, (ImportError, ForkUnsafe)) else repr(exc)
+        _write_failure(server.paths, message)  # first: the log may be unwritable (disk full)
         log(f"start failed: {message}")
         import traceback
 
-        traceback.print_exc()
-        _write_failure(server.paths, message)
+        try:
+            traceback.print_exc()
+        except OSError:
+            pass
         sys.exit(1)
     server.install_signals()
     server.listen()

@@ -17,6 +17,7 @@ from preloaded.client import Fallback, connect
 START_TIMEOUT = 600.0  # seconds; importing torch from a cold network file system can be slow
 FAILED_BACKOFF = 30.0  # after a failed start, run cold without retrying for this long
 ALREADY_RUNNING = 3  # server exit status: another server holds the bundle's lock
+ORPHAN_GRACE = 2.0  # after ALREADY_RUNNING, how long the other server has to show its socket
 
 
 def server_env(env) -> dict:
@@ -44,7 +45,10 @@ def server_argv(config: dict, bundle: str) -> list:
 def start_and_connect(config: dict, bundle: str, paths):
     """Start the server (unless another run is already doing so) and return a connection."""
     _check_recent_failure(paths)
-    lock_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        lock_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # a runtime directory we may not write to
+        raise Fallback(f"cannot create {paths.spawn_lock}: {exc.strerror}") from exc
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         sock = connect(paths.socket)  # someone else may have started it while we queued
@@ -80,15 +84,18 @@ def _start(config: dict, bundle: str, paths):
         os.unlink(paths.failed)
     except OSError:
         pass
-    proc = subprocess.Popen(
-        server_argv(config, bundle),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-        env=server_env(os.environ),
-        start_new_session=True,  # no controlling terminal, out of the caller's job
-    )
+    try:
+        proc = subprocess.Popen(
+            server_argv(config, bundle),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            env=server_env(os.environ),
+            start_new_session=True,  # no controlling terminal, out of the caller's job
+        )
+    except OSError as exc:  # fork refused (RLIMIT_NPROC, pids cgroup) or no interpreter
+        raise Fallback(f"cannot start the server: {exc.strerror}") from exc
     note = _Progress(config)
     try:
         return _wait_ready(proc, paths, note)
@@ -106,9 +113,15 @@ def _wait_ready(proc, paths, note):
         code = proc.poll()
         if code is not None and code != ALREADY_RUNNING:
             raise Fallback(f"the server failed to start: {_read_failure(paths)}")
+        if code == ALREADY_RUNNING and deadline > time.monotonic() + ORPHAN_GRACE:
+            # Another server holds the lock: it may be about to listen; it must not take long.
+            deadline = time.monotonic() + ORPHAN_GRACE
         note.tick()
         time.sleep(delay)
         delay = min(delay * 1.5, 0.05)
+    if proc.poll() == ALREADY_RUNNING:
+        raise Fallback("another server of this bundle holds its lock but has no socket; "
+                       "`py-preload stop --all` or kill it")
     raise Fallback(f"the server did not start within {START_TIMEOUT:.0f} s (see {paths.log})")
 
 
