@@ -150,7 +150,10 @@ def _stdio(kinds: list) -> list:
 def _hand_over(sock, fds, request: dict):
     """Send the request with the child's fds; return the server's first reply and the reader."""
     try:
-        wire.send(sock, request, fds)
+        try:
+            wire.send(sock, request, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before it read our request (another uid): its reply says why
         reader = wire.FrameReader()
         return wire.recv_frame(sock, reader), reader
     except (OSError, EOFError, wire.ProtocolError) as exc:

@@ -21,6 +21,9 @@ _SESSION_DIR = tempfile.mkdtemp(prefix="py-preload-tests-")
 os.environ["XDG_RUNTIME_DIR"] = os.path.join(_SESSION_DIR, "run")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_SESSION_DIR, "cache")
 os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700)
+# Hypothesis would create .hypothesis/ in the repository, a directory on every server's sys.path:
+# that change makes all running servers stale in the middle of the session.
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_SESSION_DIR, "hypothesis")
 os.environ.pop("PY_PRELOAD_COLD", None)
 
 
