@@ -217,6 +217,9 @@ class Server:
         limits = [1.0]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)
+        for conn in self.children.values():  # closed connections whose child awaits SIGKILL
+            if conn.kill_at is not None:
+                limits.append(conn.kill_at - now)
         if not self.conns and not self.children:
             limits.append(self.last_active + self.idle_timeout - now)
         return max(0.0, min(limits))

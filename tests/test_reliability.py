@@ -30,6 +30,7 @@ import pytest
 from conftest import PYTHON, REPO, cli, make_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_pty import RAW_SCRIPT, _finish, _script, spawn  # noqa: F401  (spawn: a fixture)
 from test_server import (GOOD, RUN_TIMEOUT, connect, frame, gone, read_all, send_with_fds,
                          served_by, socket_path, status, stop, wait_until)  # fmt: skip
 
@@ -153,6 +154,7 @@ def assert_back_to_baseline(server: int, before: tuple, runs: int) -> None:
     assert rss - before[1] < 1 << 20
 
 
+@pytest.mark.stress
 def test_500_sequential_warm_runs(load_bundle):
     """Guards against leaks per run (fds, memory, children) and any lost or mixed-up output or
     exit status over many runs of one server."""
@@ -168,6 +170,7 @@ def test_500_sequential_warm_runs(load_bundle):
     assert_back_to_baseline(server, before, 500)
 
 
+@pytest.mark.stress
 def test_64_concurrent_warm_runs(load_bundle):
     """Guards against races in the server loop (replies sent to the wrong connection, a child's
     status mirrored by another client, accept backlog drops) and leaks under concurrency."""
@@ -195,6 +198,7 @@ sys.exit(i)
 """
 
 
+@pytest.mark.stress
 def test_16_concurrent_runs_writing_10mb_each(load_bundle, tmp_path):
     """Guards against lost, truncated or interleaved output when many children fill pipes at
     once (the stdout fd is the caller's own pipe, passed by SCM_RIGHTS, never relayed)."""
@@ -330,7 +334,7 @@ def test_runtime_dir_not_ours_is_refused(private_env, tmp_path, how):
         assert os.listdir(target) == []
 
 
-def test_runtime_dir_unwritable(tmp_path):
+def test_runtime_dir_unwritable():
     """Guards against a traceback (PermissionError creating the spawn lock) when the runtime
     directory exists but cannot be written: the run must go cold like python."""
     other = OtherUser()
@@ -340,7 +344,7 @@ def test_runtime_dir_unwritable(tmp_path):
     assert other.processes() == []
 
 
-def test_fork_refused_by_the_server(tmp_path):
+def test_fork_refused_by_the_server():
     """Guards against a server that dies (or a run that fails) when fork() fails with EAGAIN
     (RLIMIT_NPROC, a pids cgroup): that run is refused with a clear reason and runs cold, and
     the server keeps serving."""
@@ -358,7 +362,7 @@ def test_fork_refused_by_the_server(tmp_path):
     assert (st["pid"], st["runs"], st["children"]) == (server, 0, [])
 
 
-def test_fork_refused_to_the_client(tmp_path):
+def test_fork_refused_to_the_client():
     """Guards against a traceback when the client cannot even start the server (fork refused):
     the run must go cold like python."""
     other = OtherUser()
@@ -366,6 +370,13 @@ def test_fork_refused_to_the_client(tmp_path):
     via = other.run("-c", CODE, "e", prefix=prlimit)
     assert_cold_like_python(via, other.plain("-c", CODE, "e"), "cannot start the server")
     assert other.processes() == []
+
+
+@pytest.fixture
+def module_dir_local(tmp_path, own_bundle):
+    directory = tmp_path / "scriptmods"
+    directory.mkdir()
+    return own_bundle, directory
 
 
 def test_script_importing_a_broken_module_fails_like_python(module_dir_local):
@@ -381,13 +392,6 @@ def test_script_importing_a_broken_module_fails_like_python(module_dir_local):
     assert via.returncode == 1 and "mine is broken" in via.stderr
     assert (via.returncode, via.stdout, via.stderr) == (python.returncode, python.stdout,
                                                         python.stderr)  # fmt: skip
-
-
-@pytest.fixture
-def module_dir_local(tmp_path, own_bundle):
-    directory = tmp_path / "scriptmods"
-    directory.mkdir()
-    return own_bundle, directory
 
 
 @pytest.mark.parametrize("how", ["disk-full", "logs-dir-is-a-file"])
@@ -480,7 +484,7 @@ def _cleanup_other_users():
         OtherUser.made.pop().cleanup()
 
 
-def test_client_of_another_uid_is_refused(tmp_path):
+def test_client_of_another_uid_is_refused():
     """Guards against a server that runs code for any local user who can reach its socket
     (Nailgun's hole): a real client running as another uid, given a path to the socket, is
     refused (SO_PEERCRED), runs cold as itself, and no child of the server runs for it."""
@@ -510,7 +514,7 @@ def test_client_of_another_uid_is_refused(tmp_path):
         cli("stop", other.bundle, check=False, env=env)
 
 
-def test_peer_check_unit(tmp_path):
+def test_peer_check_unit():
     """Guards the SO_PEERCRED check itself: our own uid passes, another uid does not."""
     from preloaded.server import _peer_is_us
 
@@ -683,7 +687,8 @@ def test_fuzz_request_frames(target, case):
     data, nfds = case
     _bundle, sock_path, _unharmed = target
     with connect(sock_path) as sock:
-        send_with_fds(sock, data, nfds) if data else None
+        if data:
+            send_with_fds(sock, data, nfds)
         sock.shutdown(socket.SHUT_WR)
         reply = read_all(sock)
     while len(reply) >= 4:
@@ -702,9 +707,6 @@ def test_fuzz_left_the_server_unharmed(target):
 
 
 # -- 4. terminal safety --------------------------------------------------------------------------
-
-from test_pty import RAW_SCRIPT, _finish, _script, spawn  # noqa: E402,F401  (fixture)
-
 
 @pytest.mark.parametrize("how, status", [
     ("SIGTERM-child", 128 + 15), ("SIGHUP-child", 128 + 1), ("SIGKILL-server", 1),
@@ -739,15 +741,15 @@ def test_terminal_unchanged_after_a_killed_run(spawn, tmp_path, how, status):
 # -- 5. never worse than python ------------------------------------------------------------------
 
 
-def test_server_killed_while_starting_runs_cold_like_python(tmp_path):
+def test_server_killed_while_starting_runs_cold_like_python(private_env, tmp_path):
     """Guards against a run that fails or hangs where python works when the server dies while
     it starts (here: SIGKILLed while importing, as the OOM killer would), leaving no failure
     note behind. Other ways a server cannot start (a failing preload, an unusable runtime
     directory, fork refused) are tested above and in test_server.py."""
     directory = tmp_path / "mods"
     directory.mkdir()
-    (directory / "killme.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    (directory / "killme.py").write_text("import os, signal\nos.kill(os.getpid(), 9)\n")
     out = str(tmp_path / "python-killme.bin")
-    cli("bundle", "killme", "-o", out, env={**os.environ, "PYTHONPATH": str(directory)})
-    via = run(out, "-c", CODE, "g")
+    cli("bundle", "killme", "-o", out, env={**private_env, "PYTHONPATH": str(directory)})
+    via = run(out, "-c", CODE, "g", env=private_env)
     assert_cold_like_python(via, plain("-c", CODE, "g"), "the server failed to start")
