@@ -258,7 +258,14 @@ def test_server_sigkilled_during_a_run(own_bundle):
     server = psutil.Process(child).ppid()
     os.kill(server, signal.SIGKILL)
     killed = time.monotonic()
-    out, err = proc.communicate(timeout=10)  # a hang fails here
+    try:
+        out, err = proc.communicate(timeout=10)  # a hang fails here
+    except subprocess.TimeoutExpired:
+        info = {p: (psutil.Process(p).status(), psutil.Process(p).ppid(),
+                    psutil.Process(p).cmdline()[:3]) if psutil.pid_exists(p) else None
+                for p in (server, child, proc.pid)}  # fmt: skip
+        proc.kill()
+        raise AssertionError(f"client still running: {info}") from None
     client_took = time.monotonic() - killed
     assert (proc.returncode, out, err) == (1, "", LOST)
     wait_until(lambda: gone(child), 10, "the orphaned child to die")
