@@ -36,12 +36,17 @@ class Setup:
         self.server_pid = os.getpid()  # built in the server: the parent every child must have
 
 
-def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
-    """Run ``request`` in this freshly forked process; never returns."""
+def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -1) -> None:
+    """Run ``request`` in this freshly forked process; never returns.
+
+    ``go_fd``: a pipe the server closes once the client knows the run started; nothing of the
+    command runs before that.
+    """
     status = 1
     try:
-        _die_with_server(setup.server_pid)
+        _die_with_server()
         _reset_process(server_fds, request["ignored"])
+        _wait_for_go(go_fd, setup.server_pid)
         _install_stdio(request, fds, setup)
         _apply_environment(request, setup)
         status = _execute(request)
@@ -61,15 +66,23 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup) -> None:
         os._exit(status & 0xFF)
 
 
-def _die_with_server(server_pid: int) -> None:
+def _die_with_server() -> None:
     """Have the kernel SIGKILL this child when the server dies.
 
     Without it a server killed by SIGKILL (OOM killer, ``kill -9``) leaves its running children
-    behind, reparented to init and out of reach of their clients. Checking the parent after
-    arming closes the race with a server that died between fork and prctl.
+    behind, reparented to init and out of reach of their clients.
     """
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _wait_for_go(go_fd: int, server_pid: int) -> None:
+    """Run nothing of the command until the client knows it started (else a client that lost
+    the server would run it cold a second time); then make sure the server is still our parent
+    (it could have died between fork and prctl, before PR_SET_PDEATHSIG was armed)."""
+    if go_fd >= 0:
+        os.read(go_fd, 1)  # EOF: the server sent "started" (or died)
+        os.close(go_fd)
     if os.getppid() != server_pid:
         os._exit(1)
 

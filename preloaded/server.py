@@ -357,22 +357,29 @@ class Server:
 
         fds, conn.fds = conn.fds, []
         server_fds = self._own_fds()
+        # The child waits for "go" until its client was told "started": a client that loses the
+        # server before that runs the command cold, so the child must not have run any of it.
+        go: list = []
         try:
+            go[:] = os.pipe()
             pid = os.fork()
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
-            wire.close_all(fds)
+            wire.close_all(fds + go)
             self._reject(conn, f"cannot fork: {exc.strerror}")
             return
+        go_r, go_w = go
         if pid == 0:
             try:
-                child.run(request, fds, server_fds, self.child_setup)
+                os.close(go_w)
+                child.run(request, fds, server_fds, self.child_setup, go_fd=go_r)
             finally:
                 os._exit(70)
-        wire.close_all(fds)
+        wire.close_all(fds + [go_r])
         self.runs += 1
         conn.pid = pid
         self.children[pid] = conn
         self._reply(conn, {"started": pid})
+        wire.close_all([go_w])  # EOF is the "go"
 
     def _own_fds(self) -> list:
         fds = [self.wake_r, self.wake_w, self.sel.fileno()]
