@@ -126,8 +126,12 @@ def env_cold_reason(env) -> str | None:
     return None
 
 
-def exec_cold(python: str, args: list) -> None:
+def exec_cold(python: str, args: list, config=None) -> None:
     """Replace this process with the real interpreter running the same command."""
+    if config and config.get("overlay"):
+        from preloaded import overlay
+
+        overlay.ensure(config)  # a cold run sees the same packages as a warm one
     try:
         os.execv(python, [python] + args)
     except OSError as exc:
@@ -144,8 +148,13 @@ def main(config: dict) -> None:
     args = sys.argv[1:]
     python = config["python"]
     cmd = parse_args(args)
+    overlay = config.get("overlay")
+    if overlay:  # installed packages: the child's and a cold run's PYTHONPATH (no stat here)
+        from preloaded.overlay import with_overlay
+
+        os.environ["PYTHONPATH"] = with_overlay(os.environ.get("PYTHONPATH", ""), overlay)
     if cmd.cold or env_cold_reason(os.environ):
-        exec_cold(python, args)
+        exec_cold(python, args, config)
     from preloaded import client
 
     try:
@@ -153,5 +162,5 @@ def main(config: dict) -> None:
     except client.Fallback as exc:
         if exc.message:
             warn(f"{exc.message}; running without the server")
-        exec_cold(python, args)
+        exec_cold(python, args, config)
     client.exit_like(status)
