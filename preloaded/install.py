@@ -92,7 +92,8 @@ def parse_requirement(spec: str, where: str):
     try:
         return Requirement(spec)
     except InvalidRequirement as exc:
-        raise InstallError(f"{where}: {spec!r} is not a valid requirement: {exc}") from None
+        why = str(exc).splitlines()[0]  # packaging adds the line and a caret below it
+        raise InstallError(f"{where}: {spec!r} is not a valid requirement: {why}") from None
 
 
 def normalize(req) -> str:
@@ -332,9 +333,11 @@ def explain(requirements: list, output: str, code: int) -> str:
         if re.search(pattern, lower):
             reason, hint = what.format(names=names), tip
             break
-    said = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    if len(said) > 600:
-        said = said[:600] + " ..."
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("error:")), 0)
+    said = " ".join(lines[start:]).removeprefix("error: ")  # from uv's error on, no preamble
+    if len(said) > 500:
+        said = said[:500] + " ..."
     return (f"py-preload: cannot install {names}: {reason}. Try: {hint}. Nothing was installed; "
             f"the next run tries again. uv said: {said}")  # fmt: skip
 
