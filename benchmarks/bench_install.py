@@ -46,7 +46,8 @@ def pip_install(target: str) -> None:
            target, "--index-url", INDEX, "--find-links", WHEELS, *REQUIREMENTS]  # fmt: skip
     # This machine's pip configuration (extra indexes, constraints) is left out: same sources.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, env={**env, "PIP_CONFIG_FILE": os.devnull})
+    env["PIP_CONFIG_FILE"] = os.devnull
+    subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, env=env)
 
 
 def cli(env: dict, *args: str) -> None:
@@ -56,17 +57,20 @@ def cli(env: dict, *args: str) -> None:
 
 def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-install-")
-    base = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    base = os.path.join(sys.base_prefix, "bin", f"python{version}")
     plain = os.path.join(tmp, "venv", "bin", "python")
     subprocess.run([base, "-m", "venv", "--without-pip", os.path.join(tmp, "venv")], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
     env.update(UV_NO_CONFIG="1", UV_INDEX_URL=INDEX, UV_FIND_LINKS=WHEELS,
-               UV_CACHE_DIR=os.path.join(tmp, "uv-cache"), XDG_CACHE_HOME=os.path.join(tmp, "cache"),
+               UV_CACHE_DIR=os.path.join(tmp, "uv-cache"),
+               XDG_CACHE_HOME=os.path.join(tmp, "cache"),
                XDG_RUNTIME_DIR=os.path.join(tmp, "run"))  # fmt: skip
     os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700)
     os.environ.update(env)
     try:
-        print(f"requirements: {' '.join(REQUIREMENTS)} (torch from {WHEELS}, the rest from {INDEX})")
+        print(f"requirements: {' '.join(REQUIREMENTS)}"
+              f" (torch from {WHEELS}, the rest from {INDEX})")
         warm_uv = timed(uv_install, os.path.join(tmp, "warmup-uv"), plain)
         uv_s = timed(uv_install, os.path.join(tmp, "overlay-uv"), plain)
         warm_pip = timed(pip_install, os.path.join(tmp, "warmup-pip"))

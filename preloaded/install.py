@@ -365,8 +365,9 @@ class Progress:
         if self.tty and now - self.last_walk >= 0.5:
             self.last_walk = now
             count, size = measure(target)
-            self._write(f"py-preload: installing {', '.join(self.requirements)}: {count} "
-                        f"package(s), {size / 1e6:.0f} MB, {now - self.started:.0f} s", True)  # fmt: skip
+            line = (f"py-preload: installing {', '.join(self.requirements)}: {count} "
+                    f"package(s), {size / 1e6:.0f} MB, {now - self.started:.0f} s")  # fmt: skip
+            self._write(line, True)
 
     def done(self, target: str, ok: bool) -> None:
         self.clear()

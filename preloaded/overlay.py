@@ -16,15 +16,6 @@ INSTALL_BOOT = (
 )
 
 
-def with_overlay(pythonpath: str, overlay: str) -> str:
-    """``PYTHONPATH`` with the overlay appended (after the caller's own entries, as in a child)."""
-    if not pythonpath:
-        return overlay
-    if overlay in pythonpath.split(os.pathsep):
-        return pythonpath
-    return pythonpath + os.pathsep + overlay
-
-
 def ensure(config: dict) -> None:
     """Install the bundle's overlay if its marker is missing; exit 1 if that fails.
 
@@ -40,12 +31,29 @@ def ensure(config: dict) -> None:
     job = {"overlay": overlay, "requirements": config["requirements"], "python": config["python"]}
     argv = [config["installer"], "-c", INSTALL_BOOT, config["pkg_root"], json.dumps(job)]
     try:
-        code = subprocess.call(argv, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     except OSError as exc:
         os.write(2, f"py-preload: cannot run the installer {config['installer']}: "
                     f"{exc.strerror}; run `py-preload install FILE`\n".encode())  # fmt: skip
         os._exit(1)
-    except KeyboardInterrupt:
-        os._exit(130)
+    code = _wait_ignoring_ctrl_c(proc)
+    if code in (130, -2):  # interrupted: end by SIGINT, as python does on Ctrl-C
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     if code != 0:
-        os._exit(130 if code in (130, -2) else 1)
+        os._exit(1)
+
+
+def _wait_ignoring_ctrl_c(proc) -> int:
+    """Wait for the installer. Ctrl-C reaches it too (same process group): it stops uv, removes
+    its temporary directory and exits 130; killing it from here would leave that to the next
+    install."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)

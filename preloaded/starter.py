@@ -139,6 +139,15 @@ def exec_cold(python: str, args: list, config=None) -> None:
         os._exit(127)
 
 
+def with_overlay(pythonpath: str, overlay: str) -> str:
+    """``PYTHONPATH`` with the overlay appended (after the caller's entries, as in a child)."""
+    if not pythonpath:
+        return overlay
+    if overlay in pythonpath.split(os.pathsep):
+        return pythonpath
+    return pythonpath + os.pathsep + overlay
+
+
 def warn(message: str) -> None:
     os.write(2, f"py-preload: {message}\n".encode("utf-8", "backslashreplace"))
 
@@ -150,8 +159,6 @@ def main(config: dict) -> None:
     cmd = parse_args(args)
     overlay = config.get("overlay")
     if overlay:  # installed packages: the child's and a cold run's PYTHONPATH (no stat here)
-        from preloaded.overlay import with_overlay
-
         os.environ["PYTHONPATH"] = with_overlay(os.environ.get("PYTHONPATH", ""), overlay)
     if cmd.cold or env_cold_reason(os.environ):
         exec_cold(python, args, config)

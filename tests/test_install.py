@@ -34,7 +34,8 @@ USE = "import ovl_pkg\nprint('answer', ovl_pkg.answer())\n"
 @pytest.fixture(scope="module")
 def plain_python(tmp_path_factory):
     """A venv of the base interpreter with no packages at all (not even pip)."""
-    base = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    base = os.path.join(sys.base_prefix, "bin", f"python{version}")
     venv = str(tmp_path_factory.mktemp("plain") / "venv")
     subprocess.run([base, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
     return os.path.join(venv, "bin", "python")
@@ -134,7 +135,8 @@ def test_concurrent_first_runs_install_once(tmp_path, env, plain_python):
     starters = [tmp_path / "a.bin", tmp_path / "b.bin"]
     for starter in starters:
         bundle(env, starter, "ovl_pkg", "-p", "ovl-pkg", "--python", plain_python)
-    procs = [subprocess.Popen([str(starters[i % 2]), "-c", "import ovl_pkg; print(ovl_pkg.answer())"],
+    code = "import ovl_pkg; print(ovl_pkg.answer())"
+    procs = [subprocess.Popen([str(starters[i % 2]), "-c", code],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(8)]  # fmt: skip
     results = [p.communicate(timeout=180) for p in procs]
@@ -463,3 +465,37 @@ def test_starter_path_stays_stdlib(tmp_path, env, plain_python):
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "preloaded.client" in imported
     assert not imported & {"preloaded.install", "filelock", "uv", "subprocess", "preloaded.spawn"}
+
+
+def test_terminal_progress_and_ctrl_c(tmp_path, env, plain_python, index):
+    """On a terminal the install shows a progress line; Ctrl-C during the download stops uv,
+    removes the temporary directory and ends the run by SIGINT; the next run on the terminal
+    installs (progress line, then "installed") and runs. Guards against an install that
+    cannot be interrupted, leaves its half-downloaded files, or leaves the terminal waiting."""
+    import pexpect
+
+    e = online(env, index)
+    starter = tmp_path / "f.bin"
+    bundle(e, starter, "ovl_pkg", "-p", "ovl-pkg", "--python", plain_python)
+    index.stall.set()
+    child = pexpect.spawn(str(starter), ["-c", USE], env=e, timeout=60,
+                          dimensions=(24, 80))
+    try:
+        child.expect("installing ovl-pkg")
+        assert index.stalled.wait(60)
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.signalstatus == signal.SIGINT
+        assert leftovers(e) == []
+        index.stall.clear()
+        index.release.set()
+        child = pexpect.spawn(str(starter), ["-c", USE], env=e, timeout=60,
+                              dimensions=(24, 80))
+        child.expect(r"installed 2 package\(s\)")
+        child.expect("answer 42")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.close(force=True)
