@@ -182,9 +182,11 @@ def script_imports(source: str, path: str) -> list:
             if node.module != "__future__":
                 names.append(node.module)
         elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            for field in ("body", "orelse", "finalbody", "handlers"):
+            nested = []
+            for field in ("body", "handlers", "orelse", "finalbody"):
                 for child in getattr(node, field, []):
-                    stack.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
+                    nested += child.body if isinstance(child, ast.ExceptHandler) else [child]
+            stack[0:0] = nested  # in source order
     return list(dict.fromkeys(names))
 
 

@@ -499,3 +499,28 @@ def test_terminal_progress_and_ctrl_c(tmp_path, env, plain_python, index):
         assert child.exitstatus == 0
     finally:
         child.close(force=True)
+
+
+def test_requirement_parsing_units(tmp_path):
+    """Pure parts: spellings of one requirement set normalize (and hash) alike, a script's
+    imports are its top-level absolute ones (not relative, not inside functions, not
+    __future__), and the PEP 723 block is read as TOML. Guards against overlays keyed by
+    spelling and preloading imports a script only makes lazily."""
+    from preloaded import install
+
+    info = {"tag": ["cpython-311", "linux-x86_64", ""], "dists": {}, "env": {}}
+    a = [install.parse_requirement(s, "-p") for s in ("Ovl_Pkg[B,a] >=1.0,<2", "x.y")]
+    b = [install.parse_requirement(s, "-p") for s in ("x-y", "ovl-pkg[a,b]<2,>=1.0")]
+    assert install.to_install(a, info) == install.to_install(b, info)
+    assert install.overlay_path(install.to_install(a, info), info) == install.overlay_path(
+        install.to_install(b, info), info)
+    source = ("from __future__ import annotations\nimport a.b, c\nfrom . import local\n"
+              "try:\n    import d\nexcept ImportError:\n    import e\n"
+              "def f():\n    import lazy\nfrom g.h import i\n")  # fmt: skip
+    assert install.script_imports(source, "s.py") == ["a.b", "c", "d", "e", "g.h"]
+    script = tmp_path / "s.py"
+    script.write_text('# /// script\n# dependencies = ["a>=1", "b"]\n# ///\nimport a\n')
+    assert install.script_metadata(str(script))[1]["dependencies"] == ["a>=1", "b"]
+    text = install.explain(["ovl-pkg==9.9"], "error: Because there is no version of "
+                           "ovl-pkg==9.9 and you require it...", 1)  # fmt: skip
+    assert text.count("\n") == 0 and "no version of ovl-pkg==9.9 matches" in text
