@@ -280,19 +280,23 @@ def _remove_leftovers(overlay: str) -> None:
 
 
 def uv_command(target: str, requirements: list, python: str) -> list:
-    import uv
-
+    try:
+        import uv
+    except ImportError:
+        raise InstallError(f"py-preload: cannot install {', '.join(requirements)}: uv is not "
+                           f"installed for {sys.executable}; pip install uv there") from None
     return [uv.find_uv_bin(), "pip", "install", "--target", target, "--python", python,
             "--color", "never", "--no-progress", *requirements]  # fmt: skip
 
 
 def _run_uv(target: str, requirements: list, python: str, progress) -> None:
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as err:
+        command = uv_command(target, requirements, python)
         try:
-            proc = subprocess.Popen(uv_command(target, requirements, python),
-                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err)  # fmt: skip
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         except OSError as exc:
-            raise InstallError(f"cannot run uv to install {', '.join(requirements)}: {exc}")
+            names = ", ".join(requirements)
+            raise InstallError(f"py-preload: cannot run uv to install {names}: {exc}") from None
         progress.start()
         try:
             while proc.poll() is None:
