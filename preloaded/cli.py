@@ -111,31 +111,110 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("modules", nargs=-1, required=True)
+@click.argument("modules", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Starter file to write (an executable, used like `python`).")
 @click.option("--python", "python", default=sys.executable, show_default="this interpreter",
               help="Interpreter the starter runs and the server imports into.")
 @click.option("--idle-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
               help="Seconds without clients after which the server exits.")
-def bundle(modules, output, python, idle_timeout) -> None:
-    """Write a starter FILE that runs like python with MODULES preloaded."""
+@click.option("-p", "--package", "packages", multiple=True, metavar="SPEC",
+              help="A requirement (PEP 508) to install on the first run; repeatable.")
+@click.option("-r", "--requirements", "requirement_files", multiple=True,
+              type=click.Path(dir_okay=False), help="A requirements file to install from.")
+@click.option("--script", type=click.Path(dir_okay=False),
+              help="Read its PEP 723 dependencies; its imports are the default MODULES.")
+def bundle(modules, output, python, idle_timeout, packages, requirement_files, script) -> None:
+    """Write a starter FILE that runs like python with MODULES preloaded.
+
+    Requirements the interpreter lacks are installed with uv by the first run (or ahead of
+    time by `py-preload install FILE`) into an overlay shared by bundles with the same set.
+    """
+    if not modules and not script:
+        raise click.UsageError("name the MODULES to preload, or pass --script FILE")
+    config = plan_bundle(modules, python, idle_timeout, packages, requirement_files, script)
+    write_starter(output, config)
+    note = " installs what it needs," if config.get("overlay") else ""
+    click.echo(f"wrote {output}: run it like python; the first run{note} starts the server",
+               err=True)  # fmt: skip
+
+
+def plan_bundle(modules, python, idle_timeout, packages=(), requirement_files=(), script=None):
+    """The starter's config: modules, interpreter, and the overlay of what must be installed."""
+    from preloaded import install
+
     for name in modules:
         if not all(part.isidentifier() for part in name.split(".")):
             raise click.ClickException(f"{name!r} is not a module name")
     python = resolve_python(python)
-    found = json.loads(_ask(python, CHECK, PKG_ROOT, *modules))
-    if found["missing"]:
-        names = " ".join(found["missing"])
-        raise click.ClickException(
-            f"not importable by {python}: {names}; install them (pip install {names}) first"
-        )
+    plan = install.Plan()
+    try:
+        plan.read(packages, requirement_files, script)
+        if not modules:
+            modules = plan.default_modules(python)
+        found = json.loads(_ask(python, CHECK, PKG_ROOT, *modules))
+        modules = plan.resolve_missing(found["missing"], list(modules), python)
+        overlay, wanted = plan.overlay(python)
+    except install.InstallError as exc:
+        raise click.ClickException(str(exc))
     config = {"python": python, "modules": list(modules), "idle_timeout": idle_timeout,
               "pkg_root": PKG_ROOT, "path": found["path"]}  # fmt: skip
-    text = STARTER.format(python=python, modules=", ".join(modules), pkg_root=PKG_ROOT,
-                          config=config)  # fmt: skip
+    if overlay:
+        config.update(overlay=overlay, requirements=wanted, installer=sys.executable)
+    return config
+
+
+def write_starter(output: str, config: dict) -> None:
+    text = STARTER.format(python=config["python"], modules=", ".join(config["modules"]),
+                          pkg_root=PKG_ROOT, config=config)  # fmt: skip
     write_atomic(output, text, 0o755)
-    click.echo(f"wrote {output}: run it like python; the first run starts the server", err=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def install(file) -> None:
+    """Install what the starter FILE needs now (e.g. when building a container image)."""
+    from preloaded import install as installer
+
+    try:
+        config = installer.starter_config(file)
+        overlay = config.get("overlay")
+        if not overlay:
+            click.echo(f"{file} needs nothing installed", err=True)
+            return
+        done = installer.ensure(overlay, config["requirements"], config["python"])
+    except installer.InstallError as exc:
+        raise click.ClickException(str(exc).removeprefix("py-preload: "))
+    state = "installed" if done else "already installed"
+    click.echo(f"{state}: {', '.join(config['requirements'])} in {overlay}", err=True)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("-p", "--package", "packages", multiple=True, metavar="SPEC",
+              help="A requirement (PEP 508) the script needs; repeatable.")
+@click.option("-r", "--requirements", "requirement_files", multiple=True,
+              type=click.Path(dir_okay=False), help="A requirements file the script needs.")
+@click.option("--python", "python", default=sys.executable, show_default="this interpreter",
+              help="Interpreter to run the script with.")
+@click.argument("script", type=click.Path(dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(packages, requirement_files, python, script, args) -> None:
+    """Run SCRIPT warm: its PEP 723 dependencies and imports make a bundle kept in the cache.
+
+    The first run installs and warms; later runs with the same requirements are forks of the
+    warm server.
+    """
+    from preloaded import runcache
+
+    try:
+        bundle_file = runcache.bundle_for(packages, requirement_files, python, script)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {exc.filename}: {exc.strerror}")
+    if not os.path.exists(bundle_file):
+        os.makedirs(os.path.dirname(bundle_file), mode=0o700, exist_ok=True)
+        config = plan_bundle((), python, 1800, packages, requirement_files, script)
+        write_starter(bundle_file, config)
+    os.execv(bundle_file, [bundle_file, script, *args])
 
 
 def _paths(file: str) -> Paths:

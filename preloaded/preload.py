@@ -73,6 +73,11 @@ def thread_warnings(suspects, baseline: int) -> list:
 
 def settle() -> None:
     """Make the imported state cheap to share: flush C stdio, collect, freeze."""
+    for stream in (sys.stdout, sys.stderr):  # what a module printed goes to the log, once,
+        try:  # not into every child's stdout (the buffer is copied by fork)
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
     try:
         import ctypes
 

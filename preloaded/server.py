@@ -138,19 +138,24 @@ class Server:
     # -- start-up -------------------------------------------------------------------------
 
     def acquire_lock(self) -> bool:
-        from filelock import FileLock, Timeout
-
-        self.lock = FileLock(self.paths.server_lock)
+        # flock(2) directly, not filelock: the bundle's interpreter may have nothing installed
+        # (its packages come from the overlay), and the server must still start there.
+        fd = os.open(self.paths.server_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            self.lock.acquire(timeout=LOCK_WAIT)
-        except Timeout:
+            _flock_within(fd, LOCK_WAIT)
+        except OSError:
+            os.close(fd)
             return False
-        self.lock_fds = _lock_fds(self.paths.server_lock)  # children must not keep it held
+        self.lock = _FdLock(fd)
+        self.lock_fds = [fd]  # children must not keep it held
         return True
 
     def preload(self) -> None:
         from preloaded import child, preload
 
+        overlay = self.config.get("overlay")
+        if overlay:  # installed by the starter: first, before the interpreter's own site-packages
+            sys.path.insert(1, overlay)
         base_path = [p for p in sys.path[1:] if p != self.config["pkg_root"]]
         # Directories the modules were found in at bundle time (the caller's cwd or PYTHONPATH):
         # needed to import them here, but not part of a child's sys.path, as under python.
@@ -159,7 +164,8 @@ class Server:
         self.import_times, suspects = preload.import_modules(self.modules, log)
         stdout = sys.__stdout__
         self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
-        self.stamps = Stamps.collect(self.config["bundle"], sys.executable)
+        site = (overlay,) if overlay else ()  # removed or replaced: the server retires
+        self.stamps = Stamps.collect(self.config["bundle"], sys.executable, site)
         preload.settle()
         self.warnings = preload.thread_warnings(suspects, baseline)
         for warning in self.warnings:
@@ -481,6 +487,31 @@ class Server:
             sock.close()
 
 
+class _FdLock:
+    """An flock held on an open descriptor; ``release`` closes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _flock_within(fd: int, timeout: float) -> None:
+    """flock(2) ``fd`` exclusively, waiting at most ``timeout`` (a retiring server's lock)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _kill(pid: int, signum: int, group: bool) -> None:
     try:
         if group:
@@ -505,21 +536,6 @@ def _peer_is_us(sock: socket.socket) -> bool:
         return False
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
-
-
-def _lock_fds(path: str) -> list:
-    """Descriptors of this process open on ``path`` (filelock keeps its fd to itself)."""
-    fds = []
-    try:
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{name}") == path:
-                    fds.append(int(name))
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return fds
 
 
 def _unlink_if_ours(path: str, ino) -> None:

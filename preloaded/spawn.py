@@ -55,6 +55,10 @@ def start_and_connect(config: dict, bundle: str, paths):
         if sock is not None:
             return sock
         _check_recent_failure(paths)
+        if config.get("overlay"):
+            from preloaded import overlay
+
+            overlay.ensure(config)  # first run: install what the bundle needs (exit 1 if not)
         return _start(config, bundle, paths)
     finally:
         os.close(lock_fd)  # releases the flock

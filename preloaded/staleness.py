@@ -27,12 +27,14 @@ class Stamps:
         self.stamps = stamps
 
     @classmethod
-    def collect(cls, bundle: str, python: str) -> "Stamps":
+    def collect(cls, bundle: str, python: str, site: tuple = ()) -> "Stamps":
+        """``site``: more directories stamped as a whole, like site-packages (the overlay)."""
         paths = {bundle, python}
         dirs = [p for p in sys.path if p and os.path.isdir(p)]
         paths.update(dirs)
         fixed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
-        roots = tuple(os.path.join(d, "") for d in list(fixed) + [d for d in dirs if _is_site(d)])
+        sites = [d for d in dirs if _is_site(d) or d in site]
+        roots = tuple(os.path.join(d, "") for d in list(fixed) + sites)
         for module in list(sys.modules.values()):
             filename = getattr(module, "__file__", None)
             if filename and not filename.startswith(roots):

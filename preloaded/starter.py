@@ -126,13 +126,26 @@ def env_cold_reason(env) -> str | None:
     return None
 
 
-def exec_cold(python: str, args: list) -> None:
+def exec_cold(python: str, args: list, config=None) -> None:
     """Replace this process with the real interpreter running the same command."""
+    if config and config.get("overlay"):
+        from preloaded import overlay
+
+        overlay.ensure(config)  # a cold run sees the same packages as a warm one
     try:
         os.execv(python, [python] + args)
     except OSError as exc:
         os.write(2, f"py-preload: cannot run {python}: {exc.strerror}\n".encode())
         os._exit(127)
+
+
+def with_overlay(pythonpath: str, overlay: str) -> str:
+    """``PYTHONPATH`` with the overlay appended (after the caller's entries, as in a child)."""
+    if not pythonpath:
+        return overlay
+    if overlay in pythonpath.split(os.pathsep):
+        return pythonpath
+    return pythonpath + os.pathsep + overlay
 
 
 def warn(message: str) -> None:
@@ -144,8 +157,11 @@ def main(config: dict) -> None:
     args = sys.argv[1:]
     python = config["python"]
     cmd = parse_args(args)
+    overlay = config.get("overlay")
+    if overlay:  # installed packages: the child's and a cold run's PYTHONPATH (no stat here)
+        os.environ["PYTHONPATH"] = with_overlay(os.environ.get("PYTHONPATH", ""), overlay)
     if cmd.cold or env_cold_reason(os.environ):
-        exec_cold(python, args)
+        exec_cold(python, args, config)
     from preloaded import client
 
     try:
@@ -153,5 +169,5 @@ def main(config: dict) -> None:
     except client.Fallback as exc:
         if exc.message:
             warn(f"{exc.message}; running without the server")
-        exec_cold(python, args)
+        exec_cold(python, args, config)
     client.exit_like(status)
