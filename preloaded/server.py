@@ -165,7 +165,8 @@ class Server:
         stdout = sys.__stdout__
         self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
         site = (overlay,) if overlay else ()  # removed or replaced: the server retires
-        self.stamps = Stamps.collect(self.config["bundle"], sys.executable, site)
+        own = (self.config["pkg_root"],)
+        self.stamps = Stamps.collect(self.config["bundle"], sys.executable, site, own)
         preload.settle()
         self.warnings = preload.thread_warnings(suspects, baseline)
         for warning in self.warnings:
