@@ -27,9 +27,10 @@ class Stamps:
         self.stamps = stamps
 
     @classmethod
-    def collect(cls, bundle: str, python: str, site: tuple = ()) -> "Stamps":
-        """``site``: more directories stamped as a whole, like site-packages (the overlay)."""
-        paths = {bundle, python}
+    def collect(cls, bundle: str, python: str, site: tuple = (), files: tuple = ()) -> "Stamps":
+        """``site``: more directories stamped as a whole, like site-packages (the overlay);
+        ``files``: more files to watch (the warm-up script)."""
+        paths = {bundle, python, *files}
         dirs = [p for p in sys.path if p and os.path.isdir(p)]
         paths.update(dirs)
         fixed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
