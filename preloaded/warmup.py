@@ -1,4 +1,4 @@
-"""The warm-up hook: run the bundle's ``warm.py`` in the server; its globals become ``preloaded.warm``.
+"""The warm-up hook: the server runs the bundle's ``warm.py``; its globals are ``preloaded.warm``.
 
 Children inherit the module by fork, so what ``warm.py`` built (a tokenizer, a model on the CPU)
 is shared copy-on-write by every run. CUDA must stay untouched in the server: while warm-up

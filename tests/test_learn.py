@@ -107,8 +107,9 @@ def venv(tmp_path):
     subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
                    timeout=60)  # fmt: skip
     python = str(directory / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
     return python, site
 
 
@@ -219,7 +220,8 @@ def test_unsafe_learned_module_is_refused_for_good(tmp_path, venv, kind):
 def test_failing_learned_import_does_not_kill_the_server(tmp_path, venv):
     """Guards the server against a module that imports in the runs but not in the server."""
     python, _site = venv
-    install(venv, "picky", "import os\nif os.getcwd() == '/':\n    raise RuntimeError('not from /')\n")
+    source = "import os\nif os.getcwd() == '/':\n    raise RuntimeError('not from /')\n"
+    install(venv, "picky", source)
     path = bundle(tmp_path / "python-picky.bin", python=python)
     try:
         pid = server_pid(path)

@@ -55,7 +55,8 @@ def stop_after():
 SHOW = ("import os\n"
         "from preloaded import warm\n"
         "import preloaded.warm as again\n"
-        "print(warm is again, warm.table, warm.double(21), id(warm.table), os.getppid())\n")  # fmt: skip
+        "print(warm is again, warm.table, warm.double(21), id(warm.table),"
+        " os.getppid())\n")  # fmt: skip
 
 
 def test_warmup_globals_are_preloaded_warm(tmp_path, stop_after):
@@ -117,7 +118,7 @@ def test_warmup_initialising_cuda_in_a_function(tmp_path):
     library it calls) names the line that did it, not a line after."""
     source = FAKE_CUDA.replace('state["on"] = True', "pass").replace(
         "after = 2\n", 'def build():\n    state["on"] = True\n    return 3\nmodel = build()\n')
-    bundle, warm = bundle_with(tmp_path, source)
+    bundle, _warm = bundle_with(tmp_path, source)
     via = run(bundle, "-c", "pass")
     assert_fell_back(via, "pass", "initialised CUDA at line 9", 'state["on"] = True')
 
@@ -125,10 +126,11 @@ def test_warmup_initialising_cuda_in_a_function(tmp_path):
 def test_warmup_initialising_cuda_in_a_library_call(tmp_path):
     """Guards the tracer outside warm.py: code of another file (torch's, here a function
     compiled under another name) is not traced; the line of warm.py that called it is named."""
-    library = 'torch.cuda.init = eval(compile("lambda: state.update(on=True)", "<torch>", "eval"))\n'
+    library = ('torch.cuda.init = eval(compile("lambda: state.update(on=True)", "<torch>",'
+               ' "eval"))\n')
     source = FAKE_CUDA.replace('state["on"] = True', "torch.cuda.init()").replace(
         "ready = 1\n", library)
-    bundle, warm = bundle_with(tmp_path, source)
+    bundle, _warm = bundle_with(tmp_path, source)
     via = run(bundle, "-c", "pass")
     assert_fell_back(via, "pass", "initialised CUDA at line 7 (torch.cuda.init()  #")
 
@@ -209,7 +211,8 @@ TORCH_CHILD = """\
 import os, torch
 from preloaded import warm
 model = warm.weights.to("cuda" if torch.cuda.is_available() else "cpu")
-print(tuple(model(torch.ones(1, 4)).shape), torch.cuda.is_initialized() == torch.cuda.is_available())
+print(tuple(model(torch.ones(1, 4)).shape),
+      torch.cuda.is_initialized() == torch.cuda.is_available())
 """
 
 
