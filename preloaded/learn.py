@@ -237,8 +237,10 @@ class Learner:
                 continue
             try:
                 self.learned[name] = round(safe_import(name) * 1000, 1)
-            except ImportError as exc:
-                self._refuse(name, str(exc))
+            except ImportError as exc:  # uninstalled since: drop it (runs may teach it again)
+                self.log(f"learn: dropped {name}: {exc}")
+                del self.learned[name]
+                self.save()
             except Unsafe as exc:
                 self._refuse(name, str(exc))
                 raise

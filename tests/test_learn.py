@@ -234,6 +234,29 @@ def test_failing_learned_import_does_not_kill_the_server(tmp_path, venv):
         cli("stop", path, check=False)
 
 
+def test_learned_module_unsafe_at_start_restarts_the_server_without_it(tmp_path, venv):
+    """Guards the start-up path: a learned module that became unsafe (upgraded to one that
+    starts a thread) is refused and the server restarts itself without it; the run is warm."""
+    python, _site = venv
+    install(venv, "laterbad", "VALUE = 1\n")
+    path = bundle(tmp_path / "python-later.bin", python=python)
+    try:
+        for _ in range(2):
+            ok(run(path, "-c", "import colorsys, laterbad"))
+        wait_until(lambda: "laterbad" in learned(path), "laterbad to be learned")
+        cli("stop", path)
+        install(venv, "laterbad", UNSAFE["thread"])
+        pid = server_pid(path)  # a fresh server: it refuses laterbad and execs itself
+        assert not in_server(path, "laterbad") and in_server(path, "colorsys")
+        assert server_pid(path) == pid  # the same process, re-executed
+        learn = status(path)["learn"]
+        assert "started a thread" in learn["refused"]["laterbad"]
+        assert "laterbad" not in learn["learned"] and "colorsys" in learn["learned"]
+        assert "restarting without it" in cli("logs", "-n", "1000", path).stdout
+    finally:
+        cli("stop", path, check=False)
+
+
 def test_learned_set_survives_a_restart(light):
     """Guards the saved set: a restarted server is warm with the learned modules at once."""
     for _ in range(2):
