@@ -278,8 +278,9 @@ class Learner:
     def step(self) -> str | None:
         """Import the next pending module that is not already there.
 
-        Returns None when nothing was imported, "learned" after a safe import, "unsafe" when the
-        server must retire (the module is refused and saved as such).
+        Returns None when nothing was imported, "learned" after a safe import, "failed" after a
+        failed one (refused; the server keeps serving), "unsafe" when the server must retire
+        (the module is refused and saved as such).
         """
         while self.pending:
             name = self.pending.pop(0)
@@ -289,7 +290,7 @@ class Learner:
                 cost = safe_import(name)
             except ImportError as exc:
                 self._refuse(name, str(exc))
-                return None
+                return "failed"
             except Unsafe as exc:
                 self._refuse(name, str(exc))
                 return "unsafe"

@@ -273,13 +273,14 @@ class Server:
         if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
-        elif outcome == "learned":
+        elif outcome is not None:  # learned, or failed after importing some of its dependencies
             from preloaded import preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
             self._discard_standby()
-            self.write_info()
+            if not self.learner.pending:
+                self.write_info()
 
     def _discard_standby(self) -> None:
         """A child forked before the server changed (learned modules) is out of date."""
