@@ -197,8 +197,11 @@ class Server:
         try:
             self.learner.preload()
         except learn.Unsafe:  # refused and saved: a fresh image of this server goes without it
+            from preloaded.spawn import server_argv
+
             log("restarting without it")
-            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+            argv = server_argv(self.config, self.config["bundle"])  # sys.orig_argv is 3.10+
+            os.execv(argv[0], argv)
 
     def _setup_learning(self, base_path: list, overlay) -> None:
         """What each child needs to report the library modules it imported."""
