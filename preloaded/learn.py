@@ -125,6 +125,9 @@ def safe_import(name: str) -> float:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
             contextlib.redirect_stderr(out):  # fmt: skip
+        # Every warning counts, even those the default filters hide: a run with -W error or
+        # PYTHONWARNINGS would see them when it imports the module itself.
+        warnings.simplefilter("always")
         try:
             importlib.import_module(name)
         except BaseException as exc:
