@@ -183,11 +183,13 @@ UNSAFE = {
     "thread": "import threading, time\n"
               "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
     "warning": "import warnings\nwarnings.warn('deprecated thing', UserWarning)\n",
+    # hidden by the default filters, but a run with -W error would fail on it
+    "hidden": "import warnings\nwarnings.warn('old', DeprecationWarning)\n",
     "print": "print('hello from an import')\n",
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["thread", "warning", "print"])
+@pytest.mark.parametrize("kind", sorted(UNSAFE))
 def test_unsafe_learned_module_is_refused_for_good(tmp_path, venv, kind):
     """Guards fork safety of learning: a library module that starts a thread (dead in every
     child), warns or prints (the warning would vanish from the runs) is refused, the server
@@ -203,7 +205,7 @@ def test_unsafe_learned_module_is_refused_for_good(tmp_path, venv, kind):
         wait_until(lambda: gone(old), "the old server to retire")
         reason = saved(path)["refused"]["badpkg"]
         assert {"thread": "started a thread", "warning": "warned: UserWarning",
-                "print": "printed"}[kind] in reason  # fmt: skip
+                "hidden": "warned: DeprecationWarning", "print": "printed"}[kind] in reason
         assert server_pid(path) != old
         for _ in range(3):  # needed again and again: still never learned
             assert run(path, "-c", "import badpkg").returncode == 0
