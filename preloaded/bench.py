@@ -207,7 +207,7 @@ def _show(argv: list) -> str:
 def summary(times: list) -> dict:
     """Median and spread of ``times`` (seconds), in milliseconds."""
     ms = [t * 1000 for t in times]
-    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    quartiles = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
             "q1_ms": quartiles[0], "q3_ms": quartiles[2], "times_ms": ms}  # fmt: skip
 
