@@ -36,7 +36,8 @@ from preloaded import bench  # noqa: E402
 PYTHON = sys.executable  # the venv's interpreter (symlink kept), never a pyenv shim
 MODULES = ("torch", "transformers", "transformers.models.auto.modeling_auto",
            "transformers.models.bert.modeling_bert")  # fmt: skip
-SCRIPT = "import torch, transformers\nfrom transformers import AutoModel\nprint(torch.__version__)\n"
+SCRIPT = ("import torch, transformers\nfrom transformers import AutoModel\n"
+          "print(torch.__version__)\n")
 PARK = """\
 import gc, os, sys
 import torch, transformers

@@ -1,4 +1,4 @@
-"""``py-preload bench``: the user's own command, cold (the real interpreter) against warm (the starter).
+"""``py-preload bench``: the user's command cold (the real interpreter) against warm (the starter).
 
 Two measures, as container lazy-loaders report them: time to completion (the command runs to
 its end), or time to readiness (until a URL first answers HTTP 200; the command, a server, is

@@ -31,7 +31,8 @@ HTTP_SERVER = textwrap.dedent("""\
 """)
 
 # Records its pid, then never listens: readiness can only time out.
-SILENT = "import os, sys, time\nopen(sys.argv[1], 'a').write(f'{os.getpid()}\\n')\ntime.sleep(600)\n"
+SILENT = ("import os, sys, time\nopen(sys.argv[1], 'a').write(f'{os.getpid()}\\n')\n"
+          "time.sleep(600)\n")
 
 
 def bench(*args):
@@ -79,13 +80,16 @@ def wait_gone(pids, timeout: float = 5.0) -> list:
 
 
 def read_pids(path) -> list:
-    return [int(line.split()[-1]) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [int(line.split()[-1]) for line in path.read_text().splitlines()]
 
 
 def plausible(stats: dict, runs: int) -> None:
     assert len(stats["times_ms"]) == runs
     assert all(0 < t < 120_000 for t in stats["times_ms"])
-    assert stats["min_ms"] <= stats["q1_ms"] <= stats["median_ms"] <= stats["q3_ms"] <= stats["max_ms"]
+    order = [stats[k] for k in ("min_ms", "q1_ms", "median_ms", "q3_ms", "max_ms")]
+    assert order == sorted(order)
 
 
 def test_completion_json_runs_cold_and_warm_n_times(light_bundle, tmp_path):
@@ -179,7 +183,7 @@ def test_bad_input(light_bundle, tmp_path):
         ((light_bundle, "--readiness", "localhost:80", "--", "x.py"), "--readiness needs"),
     ]
     for args, message in cases:
-        _, code, out, err = bench(*args)
+        _, code, _, err = bench(*args)
         assert code == 2, (args, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], err
