@@ -210,3 +210,20 @@ def test_bench_imports_no_httpx_without_readiness():
 
     out = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_progress_rewrites_one_line_on_a_terminal(light_bundle, tmp_path):
+    """Guards against a progress display that scrolls a terminal (or, elsewhere, fills a log
+    with carriage returns): on a terminal each update rewrites the same line."""
+    import pexpect
+
+    script = write(tmp_path / "noop.py", "pass\n")
+    child = pexpect.spawn(PYTHON, ["-m", "preloaded.cli", "bench", "-n", "2", light_bundle,
+                                   "--", script], cwd=REPO, timeout=120)  # fmt: skip
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    output = child.before.decode()
+    assert "\r\x1b[Kbench: run 2/2 warm" in output
+    assert "\nbench: run" not in output
+    assert "cold/warm" in output
