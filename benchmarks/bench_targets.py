@@ -246,7 +246,7 @@ def report(res: dict, args) -> bool:
             continue
         passed = value >= target if op == ">=" else value <= target
         ok &= passed
-        fmt = ".3f" if value < 1 else ".1f"
+        fmt = ".3f" if value < 1 else ".2f" if value < 10 else ".1f"
         print(f"  {name:<38} {value:>10{fmt}}{unit:<2} {op + ' ' + f'{target:g}':>12}"
               f"{'':>3}{'PASS' if passed else 'MISS'}")  # fmt: skip
     return ok
