@@ -404,6 +404,38 @@ def forget(file) -> None:
     click.echo(f"forgot the learned modules of {file} ({state})", err=True)
 
 
+class _Failure(click.ClickException):
+    """A one-line error with its own exit status (2: bad input, 1: the run failed)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("-n", "--runs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed runs of each kind (cold and warm, alternating).")
+@click.option("--readiness", metavar="URL",
+              help="Time until URL answers HTTP 200 (then stop the command), not completion.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120,
+              show_default=True, help="Seconds one run may take (to completion or readiness).")
+def bench(file, command, runs, readiness, as_json, timeout) -> None:
+    """Time python COMMAND cold (the real interpreter) and warm (the starter FILE).
+
+    Write the command after --, as for python: `py-preload bench FILE -- serve.py --port 8000`.
+    """
+    from preloaded import bench as benchmark
+
+    try:
+        result = benchmark.run(file, list(command), runs=runs, url=readiness, timeout=timeout)
+    except benchmark.BenchError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    click.echo(json.dumps(result, indent=2) if as_json else benchmark.format_table(result))
+
+
 @main.command(name="list")
 def list_() -> None:
     """List running servers: pid, bundle file, modules."""
