@@ -205,7 +205,7 @@ def _collect(sock, reader, channel: socket.socket):
     while status is None:
         for fd, _event in poller.poll():
             if fd == channel.fileno():
-                data = channel.recv(1 << 20)
+                data = _recv(channel)
                 if data:
                     chunks.append(data)
                 else:
@@ -215,13 +215,20 @@ def _collect(sock, reader, channel: socket.socket):
     channel.setblocking(False)
     try:
         while True:
-            data = channel.recv(1 << 20)
+            data = _recv(channel)
             if not data:
                 break
             chunks.append(data)
     except BlockingIOError:
         pass  # a process the task forked may still hold the channel open
     return status, b"".join(chunks)
+
+
+def _recv(channel: socket.socket) -> bytes:
+    try:
+        return channel.recv(1 << 20)
+    except ConnectionResetError:  # the child closed its end without reading the whole call
+        return b""
 
 
 def _read_status(sock, reader):

@@ -17,7 +17,16 @@ import pickle
 import struct
 import sys
 
-BOOT = "from preloaded.worker import main; main()"
+# What the child runs (a -c run). A server whose py-preload predates the executor says so.
+BOOT = """\
+try:
+    from preloaded.worker import main
+except ImportError as exc:
+    import preloaded, sys
+    sys.exit(f"py-preload: this bundle's server cannot run executor tasks ({exc}): its "
+             f"py-preload ({preloaded.__path__[0]}) is older than preloaded.Executor")
+main()
+"""
 HEADER = struct.Struct(">Q")
 
 
