@@ -162,6 +162,9 @@ class Server:
         sys.path[0:0] = self.config.get("path", [])
         baseline = preload.thread_count()
         self.import_times, suspects = preload.import_modules(self.modules, log)
+        from preloaded import worker
+
+        worker.warm_up()  # preloaded.Executor's tasks would each import it again (~5 ms)
         stdout = sys.__stdout__
         self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
         site = (overlay,) if overlay else ()  # removed or replaced: the server retires

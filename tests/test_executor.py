@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,3 +309,24 @@ def test_torch_tensor_result(torch_bundle):
         results = [f.result(TIMEOUT) for f in futures]
     assert torch.equal(results[0][0], torch.tensor([[0.0, 2.0], [4.0, 6.0]]))
     assert results[1][0].shape == (2, 3) and results[1][1] is True
+
+
+def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd):
+    """Guards against a bundle written by an older py-preload (its server's package has no
+    worker module) giving a ConnectionResetError or a hang instead of a dead worker whose
+    stderr says why."""
+    old = tmp_path / "old"
+    shutil.copytree(os.path.join(REPO, "preloaded"), old / "preloaded",
+                    ignore=shutil.ignore_patterns("worker.py", "__pycache__"))  # fmt: skip
+    server = old / "preloaded" / "server.py"  # as it was before the executor: no warm-up
+    text = server.read_text()
+    warm = "        from preloaded import worker\n\n        worker.warm_up()"
+    assert warm in text
+    server.write_text(text.replace(warm, ""))
+    bundle = str(tmp_path / "old.bin")
+    subprocess.run([PYTHON, "-m", "preloaded.cli", "bundle", "json", "-o", bundle], cwd=old,
+                   check=True, capture_output=True, timeout=TIMEOUT)  # fmt: skip
+    with Executor(bundle, max_workers=1) as ex:
+        error = ex.submit(len, "x").exception(TIMEOUT)
+    assert isinstance(error, WorkerDied) and error.exitcode == 1
+    assert "cannot run executor tasks" in capfd.readouterr().err
