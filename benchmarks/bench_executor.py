@@ -78,7 +78,8 @@ def measured(kind: str, bundle: str, tasks: int, workers: int, env: dict) -> dic
     argv = [PYTHON, os.path.abspath(__file__), "--one", kind, "--bundle", bundle,
             "-n", str(tasks), "--workers", str(workers)]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)  # fmt: skip
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed ({proc.returncode}):\n{proc.stderr}")
@@ -123,8 +124,10 @@ def report(med: dict, tasks: int, repeats: int, workers: int) -> None:
     print(f"  first use, forkserver / Executor cold: {fs['first'] / med['cold']['first']:.2f}x")
     print(f"  whole program, forkserver / Executor warm: "
           f"{fs['program'] / med['warm']['program']:.1f}x")  # fmt: skip
-    print(f"  second batch, Executor warm / forkserver: "
-          f"{med['warm']['second'] / fs['second']:.1f}x (a fork per task vs. reused workers)")
+    print(
+        f"  second batch, Executor warm / forkserver: "
+        f"{med['warm']['second'] / fs['second']:.1f}x (a fork per task vs. reused workers)"
+    )
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import time
 # Run from a checkout: use its preloaded package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import preloaded  # noqa: E402
+import preloaded
 
 
 def matmul_trace(seed: int, size: int) -> float:

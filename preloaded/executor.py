@@ -84,7 +84,6 @@ class Executor(concurrent.futures.Executor):
         self._bundle = bundle
         self._config = _read_bundle(bundle)
         self._umask = _current_umask()
-        self._devnull = _high_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
         self._lock = threading.Lock()
         self._shut = False
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -116,9 +115,6 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             self._shut = True
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-        if wait and self._devnull >= 0:
-            os.close(self._devnull)
-            self._devnull = -1
 
     # -- in a waiting thread ------------------------------------------------------------------
 
@@ -152,8 +148,7 @@ class Executor(concurrent.futures.Executor):
         kinds = client.stdio_kinds()[1:]
         stdio = ["pipe"] + ["closed" if kind == "closed" else "pipe" for kind in kinds]
         request = self._request(env, cwd, stdio)
-        out = [fd if kind != "closed" else _high_fd(os.dup(self._devnull))
-               for fd, kind in zip((1, 2), kinds)]  # fmt: skip
+        out = [fd if kind != "closed" else _devnull() for fd, kind in zip((1, 2), kinds)]
         fds = [channel.detach()] + out
         try:  # it closes the fds above 2 it is given, whatever happens
             reply, reader = client._hand_over(sock, fds, request)
@@ -310,8 +305,9 @@ def _current_umask() -> int:
     return mask
 
 
-def _high_fd(fd: int) -> int:
-    """``fd`` moved above 2: a caller with a closed stdout must not get /dev/null there."""
+def _devnull() -> int:
+    """/dev/null on an fd above 2: a caller whose stdout is closed must not get it there."""
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     if fd > 2:
         return fd
     import fcntl
