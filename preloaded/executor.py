@@ -18,7 +18,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 
 import cloudpickle
 
@@ -81,10 +80,9 @@ class Executor(concurrent.futures.Executor):
             max_workers = os.cpu_count() or 1
         if max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        self._bundle = bundle
+        self._bundle = os.path.abspath(bundle)  # the same server after a chdir
         self._config = _read_bundle(bundle)
         self._umask = _current_umask()
-        self._lock = threading.Lock()
         self._shut = False
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers, thread_name_prefix="preloaded-executor"
@@ -96,24 +94,22 @@ class Executor(concurrent.futures.Executor):
         The call is pickled now (a later change to a mutable argument does not reach the
         task); an unpicklable call gives a Future holding the ``PicklingError``.
         """
-        with self._lock:
-            if self._shut:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            try:
-                payload = _dump_call(fn, args, kwargs)
-            except Exception as exc:
-                future: concurrent.futures.Future = concurrent.futures.Future()
-                future.set_exception(exc)
-                return future
-            _flush_stdio()  # what the caller printed first comes first on a shared stdout
-            env, cwd = dict(os.environ), os.getcwd()
-            return self._pool.submit(self._run_call, payload, env, cwd)
+        if self._shut:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        try:
+            payload = _dump_call(fn, args, kwargs)
+        except Exception as exc:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_exception(exc)
+            return future
+        _flush_stdio()  # what the caller printed first comes first on a shared stdout
+        env, cwd = dict(os.environ), os.getcwd()
+        return self._pool.submit(self._run_call, payload, env, cwd)  # raises after shutdown
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new tasks; with ``cancel_futures`` pending ones are cancelled; with ``wait``,
         return once the running ones are done. The server keeps running."""
-        with self._lock:
-            self._shut = True
+        self._shut = True
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     # -- in a waiting thread ------------------------------------------------------------------
