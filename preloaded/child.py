@@ -17,6 +17,8 @@ import types
 
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
+from preloaded import learn
+
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -34,6 +36,11 @@ class Setup:
         self.encoding = encoding
         self.errors = errors
         self.server_pid = os.getpid()  # built in the server: the parent every child must have
+        # Learned preloads (see preloaded.learn): the server's modules, the library directories,
+        # and where to report (None: learning is off).
+        self.known: frozenset = frozenset()
+        self.roots: tuple = ()
+        self.learn_prefix: str | None = None
 
 
 def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -1) -> None:
@@ -51,6 +58,7 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -
         _apply_environment(request, setup)
         status = _execute(request)
         status = _finalize(status)
+        learn.report(setup, request["cwd"])
     except BaseException:  # a py-preload bug: say so on the caller's stderr
         try:
             import traceback

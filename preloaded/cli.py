@@ -124,19 +124,42 @@ def main() -> None:
               type=click.Path(dir_okay=False), help="A requirements file to install from.")
 @click.option("--script", type=click.Path(dir_okay=False),
               help="Read its PEP 723 dependencies; its imports are the default MODULES.")
-def bundle(modules, output, python, idle_timeout, packages, requirement_files, script) -> None:
+@click.option("--warmup", type=click.Path(exists=True, dir_okay=False),
+              help="A script the server runs after the imports; its globals are preloaded.warm.")
+@click.option("--learn-after", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Preload a library module once this many runs imported it.")
+@click.option("--no-learn", is_flag=True, help="Learn no modules from the runs.")
+def bundle(modules, output, python, idle_timeout, packages, requirement_files, script, warmup,
+           learn_after, no_learn) -> None:  # fmt: skip
     """Write a starter FILE that runs like python with MODULES preloaded.
 
     Requirements the interpreter lacks are installed with uv by the first run (or ahead of
     time by `py-preload install FILE`) into an overlay shared by bundles with the same set.
+    Library modules that runs keep importing are learned: the server imports them too.
     """
     if not modules and not script:
         raise click.UsageError("name the MODULES to preload, or pass --script FILE")
     config = plan_bundle(modules, python, idle_timeout, packages, requirement_files, script)
+    config.update(learn=not no_learn, learn_after=learn_after)
+    if warmup:
+        config["warmup"] = _warmup_path(warmup)
     write_starter(output, config)
     note = " installs what it needs," if config.get("overlay") else ""
     click.echo(f"wrote {output}: run it like python; the first run{note} starts the server",
                err=True)  # fmt: skip
+
+
+def _warmup_path(path: str) -> str:
+    """The warm-up script, absolute; it must compile (a typo is reported now, not at run time)."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            compile(f.read(), path, "exec", dont_inherit=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read the warm-up {path}: {exc.strerror}")
+    except (SyntaxError, ValueError) as exc:
+        raise click.ClickException(f"the warm-up {path} does not compile: {exc}")
+    return path
 
 
 def plan_bundle(modules, python, idle_timeout, packages=(), requirement_files=(), script=None):
@@ -281,8 +304,30 @@ def _format_status(st: dict) -> str:
         f"memory:    RSS {mb(server.get('rss'))}, PSS {mb(server.get('pss'))}",
         f"stale:     {st['stale'] or 'no'}",
     ]
+    lines += _format_learning(st)
     lines += [f"warning:   {w}" for w in st["warnings"]]
     return "\n".join(lines)
+
+
+def _format_learning(st: dict) -> list:
+    lines = []
+    if st.get("warmup"):
+        took = st.get("warmup_time")
+        lines.append(f"warm-up:   {st['warmup']}" + (f" ({took:.2f} s)" if took else ""))
+    learn = st.get("learn")
+    if not learn:
+        return lines
+    if not learn["enabled"]:
+        return lines + ["learned:   off (--no-learn)"]
+    learned = learn["learned"]
+    total = sum(learned.values())
+    lines.append(f"learned:   {len(learned)} module(s), {total:.0f} ms"
+                 + (" (after %d runs)" % learn["after"]))  # fmt: skip
+    lines += [f"  {name} ({ms:.1f} ms)" for name, ms in learned.items()]
+    if learn["pending"]:
+        lines.append(f"learning:  {len(learn['pending'])} pending")
+    lines += [f"refused:   {name}: {why}" for name, why in learn["refused"].items()]
+    return lines
 
 
 @main.command()
@@ -339,6 +384,24 @@ def _wait_gone(pid: int, timeout: float = 5.0) -> None:
         return
     except psutil.TimeoutExpired:
         proc.kill()
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+def forget(file) -> None:
+    """Forget the modules FILE's server learned (and refused); its next run starts afresh."""
+    paths = _paths(file)
+    # The server clears its sets and retires at once (its socket and lock go; running children
+    # finish): nothing to wait for, the next run starts a fresh server.
+    reply = ask_server(paths.socket, {"cmd": "forget"})
+    try:
+        os.unlink(paths.learned)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot remove {paths.learned}: {exc.strerror}")
+    state = "server retired" if reply and "stopping" in reply else "no server was running"
+    click.echo(f"forgot the learned modules of {file} ({state})", err=True)
 
 
 @main.command(name="list")

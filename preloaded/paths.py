@@ -90,3 +90,6 @@ class Paths:
         self.info = base + ".json"
         self.failed = base + ".failed"
         self.log = os.path.join(cache_dir(), "logs", self.key + ".log")
+        # Learned preloads: the set kept per bundle, and the per-run reports (name + child pid).
+        self.learned = os.path.join(cache_dir(), "learned", self.key + ".json")
+        self.report_prefix = base + ".report."

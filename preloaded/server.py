@@ -134,6 +134,8 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         self.child_setup = None
+        self.learner = None  # preloaded.learn.Learner, made by preload()
+        self.warmup_time: float | None = None
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -165,14 +167,55 @@ class Server:
         from preloaded import worker
 
         worker.warm_up()  # preloaded.Executor's tasks would each import it again (~5 ms)
+        self._preload_learned()
+        warm = self.config.get("warmup")
+        if warm:
+            from preloaded import warmup
+
+            before = preload.thread_count()
+            self.warmup_time = warmup.run(warm, log)
+            if preload.thread_count() > before:
+                suspects.append((f"the warm-up {warm}", preload.thread_count() - before))
         stdout = sys.__stdout__
         self.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
+        self._setup_learning(base_path, overlay)
         site = (overlay,) if overlay else ()  # removed or replaced: the server retires
-        self.stamps = Stamps.collect(self.config["bundle"], sys.executable, site)
+        files = (warm,) if warm else ()  # an edited warm-up makes the server stale
+        own = (self.config["pkg_root"],)
+        self.stamps = Stamps.collect(self.config["bundle"], sys.executable, site, files, own)
         preload.settle()
         self.warnings = preload.thread_warnings(suspects, baseline)
         for warning in self.warnings:
             log("warning: " + warning)
+
+    def _preload_learned(self) -> None:
+        """Import what earlier servers of this bundle learned; restart without an unsafe one."""
+        from preloaded import learn
+
+        enabled = bool(self.config.get("learn", True))
+        self.learner = learn.Learner(self.paths, self.config.get("learn_after", 2), enabled, log)
+        if not enabled:
+            return
+        self.learner.clean_reports()
+        self.learner.load()
+        try:
+            self.learner.preload()
+        except learn.Unsafe:  # refused and saved: a fresh image of this server goes without it
+            from preloaded.spawn import server_argv
+
+            log("restarting without it")
+            argv = server_argv(self.config, self.config["bundle"])  # sys.orig_argv is 3.10+
+            os.execv(argv[0], argv)
+
+    def _setup_learning(self, base_path: list, overlay) -> None:
+        """What each child needs to report the library modules it imported."""
+        from preloaded import learn
+
+        setup = self.child_setup
+        setup.known = frozenset(sys.modules)  # once here, not per fork: the diff's other side
+        if self.learner.enabled:
+            setup.roots = learn.library_roots(base_path, overlay)
+            setup.learn_prefix = self.paths.report_prefix
 
     def listen(self) -> None:
         tmp = f"{self.paths.socket}.{os.getpid()}"
@@ -197,6 +240,7 @@ class Server:
             "modules": self.modules, "import_times": self.import_times,
             "warnings": self.warnings, "started": self.started, "socket": self.paths.socket,
             "log": self.paths.log, "idle_timeout": self.idle_timeout,
+            "learned": list(self.learner.learned) if self.learner else [],
         }  # fmt: skip
         tmp = self.paths.info + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -220,8 +264,40 @@ class Server:
                 key.data(key.fileobj)
             self._check_deadlines()
             self._check_socket()
+            self._learn_step()
+
+    def _can_learn(self) -> bool:
+        """Learned modules are imported between runs: never while a run waits to be forked."""
+        if self.stopping or self.learner is None or not self.learner.pending:
+            return False
+        return all(conn.pid is not None for conn in self.conns.values())
+
+    def _learn_step(self) -> None:
+        """Import one learned module (one per loop turn: a client that comes waits for one)."""
+        if not self._can_learn():
+            return
+        outcome = self.learner.step()
+        if outcome == "unsafe":
+            log("a learned module is not fork-safe: retiring; the next run starts without it")
+            self.begin_stop()
+        elif outcome is not None:  # learned, or failed after importing some of its dependencies
+            from preloaded import preload
+
+            preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
+            self.child_setup.known = frozenset(sys.modules)
+            self._discard_standby()
+            if not self.learner.pending:
+                self.write_info()
+
+    def _discard_standby(self) -> None:
+        """A child forked before the server changed (learned modules) is out of date."""
+        discard = getattr(self, "discard_standby", None)
+        if discard is not None:
+            discard()
 
     def _timeout(self) -> float:
+        if self._can_learn():
+            return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
         limits = [1.0]
         for conn in self.conns.values():
@@ -346,6 +422,12 @@ class Server:
             self._reply(conn, {"stopping": os.getpid()})
             self._close(conn)
             self.begin_stop(kill_children=True)
+        elif cmd == "forget":  # running children finish; the next run starts a fresh server
+            if self.learner is not None:
+                self.learner.forget()
+            self._reply(conn, {"stopping": os.getpid()})
+            self._close(conn)
+            self.begin_stop()
         else:
             self._reply(conn, {"error": f"unknown command {cmd!r}"})
         self._close(conn)
@@ -359,6 +441,8 @@ class Server:
             "warnings": self.warnings + LOG_PROBLEMS,
             "bundle": self.config["bundle"], "python": sys.executable,
             "socket": self.paths.socket, "log": self.paths.log,
+            "learn": self.learner.status() if self.learner else None,
+            "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
@@ -406,6 +490,8 @@ class Server:
                 return
             if pid == 0:
                 return
+            if self.learner is not None:  # every reaped run, whatever its connection became
+                self.learner.collect(pid)
             conn = self.children.pop(pid, None)
             if conn is None:
                 continue

@@ -44,7 +44,7 @@ def server_argv(config: dict, bundle: str) -> list:
 
 def start_and_connect(config: dict, bundle: str, paths):
     """Start the server (unless another run is already doing so) and return a connection."""
-    _check_recent_failure(paths)
+    _check_recent_failure(paths, config)
     try:
         lock_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:  # a runtime directory we may not write to
@@ -54,7 +54,7 @@ def start_and_connect(config: dict, bundle: str, paths):
         sock = connect(paths.socket)  # someone else may have started it while we queued
         if sock is not None:
             return sock
-        _check_recent_failure(paths)
+        _check_recent_failure(paths, config)
         if config.get("overlay"):
             from preloaded import overlay
 
@@ -64,13 +64,22 @@ def start_and_connect(config: dict, bundle: str, paths):
         os.close(lock_fd)  # releases the flock
 
 
-def _check_recent_failure(paths) -> None:
+def _check_recent_failure(paths, config: dict) -> None:
     try:
         st = os.stat(paths.failed)
     except OSError:
         return
+    if config.get("warmup") and _mtime(config["warmup"]) > st.st_mtime:
+        return  # the warm-up was edited since it failed: try it now, not after the back-off
     if time.time() - st.st_mtime < FAILED_BACKOFF:
         raise Fallback(f"the server failed to start: {_read_failure(paths)}")
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _read_failure(paths) -> str:

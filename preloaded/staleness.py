@@ -27,11 +27,18 @@ class Stamps:
         self.stamps = stamps
 
     @classmethod
-    def collect(cls, bundle: str, python: str, site: tuple = ()) -> "Stamps":
-        """``site``: more directories stamped as a whole, like site-packages (the overlay)."""
-        paths = {bundle, python}
+    def collect(cls, bundle: str, python: str, site: tuple = (), files: tuple = (),
+                own: tuple = ()) -> "Stamps":
+        """``site``: more directories stamped as a whole, like site-packages (the overlay);
+        ``files``: more files to watch (the warm-up script).
+
+        ``own``: directories on the server's path only to find py-preload itself (a source
+        checkout): not on a child's path, so only the sources loaded from them count; a new file
+        in a repository root (it changes all the time) is no change.
+        """
+        paths = {bundle, python, *files}
         dirs = [p for p in sys.path if p and os.path.isdir(p)]
-        paths.update(dirs)
+        paths.update(d for d in dirs if d not in own or _is_site(d))
         fixed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
         sites = [d for d in dirs if _is_site(d) or d in site]
         roots = tuple(os.path.join(d, "") for d in list(fixed) + sites)

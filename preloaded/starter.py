@@ -167,7 +167,8 @@ def main(config: dict) -> None:
     try:
         status = client.run(config, sys.argv[0], cmd, args)
     except client.Fallback as exc:
-        if exc.message:
-            warn(f"{exc.message}; running without the server")
+        if exc.message:  # a traceback (a failed warm-up) goes after the one-line summary
+            first, newline, rest = exc.message.partition("\n")
+            warn(f"{first}; running without the server{newline}{rest}")
         exec_cold(python, args, config)
     client.exit_like(status)

@@ -216,6 +216,23 @@ def test_edited_preloaded_module_makes_a_new_server(module_dir):
         stop(bundle)
 
 
+def test_new_file_in_py_preloads_own_checkout_is_no_change(tmp_path, monkeypatch):
+    """Guards against every server going stale when a file appears in the directory that only
+    serves to find py-preload itself (a source checkout's root, where editors and tools write
+    files all the time), while a directory of the path that a child also sees still counts."""
+    from preloaded.staleness import Stamps
+
+    own, other = tmp_path / "checkout", tmp_path / "site"
+    own.mkdir()
+    other.mkdir()
+    monkeypatch.setattr(sys, "path", [str(own), str(other), *sys.path])
+    stamps = Stamps.collect(__file__, sys.executable, own=(str(own),))
+    (own / "notes.txt").write_text("")
+    assert stamps.changed() is None
+    (other / "newpkg.py").write_text("")
+    assert stamps.changed() == f"{other} changed"
+
+
 # -- bad input on the socket -------------------------------------------------------------------
 
 

@@ -1,0 +1,322 @@
+"""Learned preloads: library modules that runs keep importing become part of the warm server.
+
+Each child, as it ends, writes the names of the library modules it imported that the server
+had not (a diff of ``sys.modules`` against the server's set, taken once before forking) into a
+report file named by its pid. The server reads that file when it reaps the pid, counts the runs
+that needed each module, and imports a module into itself, between runs and one per loop turn,
+once ``after`` runs needed it. The same fork-safety checks as for the bundle's modules apply: a
+module that starts threads, initialises CUDA, prints, warns or takes the server's signal
+handlers is refused for good and the server retires, so that the next run gets a fresh server
+without it. The learned and refused sets are kept in the cache per bundle.
+
+Only modules whose files live in the standard library or a site-packages directory (the
+overlay included) are learned: never the user's own code (the script's directory, the cwd,
+``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
+THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
+SERVER_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP")
+
+
+# -- the child's side (runs at the end of every run; keep it cheap) ------------------------------
+
+
+def library_roots(base_path: list, overlay: str | None) -> tuple:
+    """Directories (with a trailing separator) whose modules may be learned."""
+    import sysconfig
+
+    from preloaded.staleness import _is_site
+
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    roots.update(p for p in base_path if p and _is_site(p))
+    if overlay:
+        roots.add(overlay)
+    return tuple(sorted({os.path.join(os.path.abspath(r), "") for r in roots}))
+
+
+def new_library_modules(known, roots: tuple, base_path: list, cwd: str) -> list:
+    """Names in ``sys.modules`` that are not in ``known`` and were found in a library root.
+
+    A file under both a library root and a user directory (a venv inside the project, say)
+    belongs to the longer, more specific, of the two: a script's directory inside
+    site-packages is still the user's code, the project's ``.venv`` is still a library.
+    """
+    base = {os.path.abspath(p) for p in base_path if p}
+    user = {os.path.join(os.path.abspath(p or cwd), "") for p in sys.path
+            if isinstance(p, str) and os.path.abspath(p or cwd) not in base}  # fmt: skip
+    user.add(os.path.join(cwd, ""))
+    found = []
+    for name in [n for n in sys.modules if n not in known]:
+        module = sys.modules.get(name)
+        filename = getattr(module, "__file__", None)
+        spec = getattr(module, "__spec__", None)
+        if name.startswith("__") or not isinstance(filename, str):
+            continue  # __main__, __mp_main__, builtins and namespace packages
+        if getattr(spec, "name", None) != name:
+            continue  # an alias (os.path) or a module run as __main__
+        if _longest(filename, roots) > _longest(filename, user):
+            found.append(name)
+    return found
+
+
+def _longest(filename: str, dirs) -> int:
+    return max((len(d) for d in dirs if filename.startswith(d)), default=-1)
+
+
+def write_report(prefix: str, names: list) -> None:
+    """``prefix + pid``, written atomically (the server may reap us before we finished)."""
+    if not names:
+        return
+    path = f"{prefix}{os.getpid()}"
+    tmp = path + ".tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        os.write(fd, "\n".join(names).encode("utf-8", "surrogateescape"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def report(setup, cwd: str) -> None:
+    """At a child's end: tell the server which library modules this run imported. Never raises."""
+    prefix = getattr(setup, "learn_prefix", None)
+    if not prefix:
+        return
+    try:
+        names = new_library_modules(setup.known, setup.roots, setup.base_path, cwd)
+        write_report(prefix, names)
+    except BaseException:  # a report is a hint: it must never change how the run ends
+        pass
+
+
+# -- the server's side ---------------------------------------------------------------------------
+
+
+class Unsafe(Exception):
+    """A learned import left the server unfit to fork children: refuse it and retire."""
+
+
+def safe_import(name: str) -> float:
+    """Import ``name`` with the fork-safety checks; return its cost in seconds.
+
+    Raises ImportError when the import fails (nothing else changed: keep serving) and Unsafe
+    when it succeeded but left threads, CUDA, output or changed signal handlers behind.
+    """
+    import contextlib
+    import importlib
+    import io
+    import signal
+    import warnings
+
+    from preloaded.preload import cuda_initialised, thread_count
+
+    handlers = [signal.getsignal(getattr(signal, s)) for s in SERVER_SIGNALS]
+    threads = thread_count()
+    out = io.StringIO()
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out):  # fmt: skip
+        # Every warning counts, even those the default filters hide: a run with -W error or
+        # PYTHONWARNINGS would see them when it imports the module itself.
+        warnings.simplefilter("always")
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            raise ImportError(f"importing {name} failed: {type(exc).__name__}: {exc}") from exc
+    cost = time.perf_counter() - start
+    if cuda_initialised():
+        raise Unsafe(f"importing {name} initialised CUDA")
+    if _threads_left(threads):
+        raise Unsafe(f"importing {name} started a thread")
+    if caught:
+        raise Unsafe(f"importing {name} warned: {caught[0].category.__name__}: {caught[0].message}")
+    if out.getvalue():
+        raise Unsafe(f"importing {name} printed {out.getvalue()[:80]!r}")
+    if [signal.getsignal(getattr(signal, s)) for s in SERVER_SIGNALS] != handlers:
+        raise Unsafe(f"importing {name} changed signal handlers")
+    return cost
+
+
+def _threads_left(before: int) -> bool:
+    from preloaded.preload import thread_count
+
+    deadline = time.monotonic() + THREAD_GRACE
+    while thread_count() > before:  # torch-style helper threads end on their own, soon
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Learner:
+    """Counts, learns and remembers the modules of one bundle's runs (in its server)."""
+
+    def __init__(self, paths, after: int, enabled: bool, log) -> None:
+        self.path = paths.learned
+        self.prefix = paths.report_prefix
+        self.after = max(1, int(after))
+        self.enabled = enabled
+        self.log = log
+        self.counts: dict = {}  # name -> runs that needed it (not learned, not refused)
+        self.pending: list = []  # names that reached ``after``, in the order runs imported them
+        self.learned: dict = {}  # name -> import cost in ms (the names the server imports)
+        self.refused: dict = {}  # name -> why
+        self.imported_any = False
+
+    # -- the saved set ---------------------------------------------------------------------
+
+    def load(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            learned, refused = dict(data.get("learned", {})), dict(data.get("refused", {}))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        self.learned = {str(k): float(v) for k, v in learned.items() if _valid_name(str(k))}
+        self.refused = {str(k): str(v) for k, v in refused.items()}
+
+    def save(self) -> None:
+        data = {"learned": self.learned, "refused": self.refused}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            self.log(f"learn: cannot save {self.path}: {exc.strerror}")
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def forget(self) -> None:
+        """Clear the learned and refused sets, in memory and on disk; learn nothing more here."""
+        self.counts.clear()
+        self.pending.clear()
+        self.learned.clear()
+        self.refused.clear()
+        self.enabled = False  # this server is retiring; its successor starts from nothing
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def clean_reports(self) -> None:
+        """Reports left by children of a server that died before reaping them."""
+        directory, base = os.path.split(self.prefix)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(base):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def preload(self) -> None:
+        """Import the saved set (a restarted server is warm at once).
+
+        Raises Unsafe (after saving the refusal) when one of them is no longer fork-safe: the
+        caller restarts the server without it.
+        """
+        if not self.enabled:
+            return
+        for name in list(self.learned):
+            if name in sys.modules or name in self.refused:
+                continue
+            try:
+                self.learned[name] = round(safe_import(name) * 1000, 1)
+            except ImportError as exc:  # uninstalled since: drop it (runs may teach it again)
+                self.log(f"learn: dropped {name}: {exc}")
+                del self.learned[name]
+                self.save()
+            except Unsafe as exc:
+                self._refuse(name, str(exc))
+                raise
+        self.log(f"learn: preloaded {len(self.learned)} learned module(s)")
+
+    # -- between runs ----------------------------------------------------------------------
+
+    def collect(self, pid: int) -> None:
+        """Read and remove the report of the reaped child ``pid``. Never raises."""
+        path = f"{self.prefix}{pid}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read(REPORT_LIMIT + 1)
+        except OSError:
+            return
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if not self.enabled or len(data) > REPORT_LIMIT:
+            return
+        for name in data.decode("utf-8", "replace").split("\n"):
+            self._count(name)
+
+    def _count(self, name: str) -> None:
+        if name in sys.modules or name in self.refused or name in self.pending:
+            return
+        if not _valid_name(name):
+            return
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if self.counts[name] >= self.after:
+            del self.counts[name]
+            self.pending.append(name)
+
+    def step(self) -> str | None:
+        """Import the next pending module that is not already there.
+
+        Returns None when nothing was imported, "learned" after a safe import, "failed" after a
+        failed one (refused; the server keeps serving), "unsafe" when the server must retire
+        (the module is refused and saved as such).
+        """
+        while self.pending:
+            name = self.pending.pop(0)
+            if name in sys.modules:
+                continue  # came with an earlier one
+            try:
+                cost = safe_import(name)
+            except ImportError as exc:
+                self._refuse(name, str(exc))
+                return "failed"
+            except Unsafe as exc:
+                self._refuse(name, str(exc))
+                return "unsafe"
+            self.learned[name] = round(cost * 1000, 1)
+            self.imported_any = True
+            self.log(f"learn: imported {name} in {cost * 1000:.1f} ms")
+            self.save()
+            return "learned"
+        return None
+
+    def _refuse(self, name: str, reason: str) -> None:
+        self.log(f"learn: refused {name}: {reason}")
+        self.learned.pop(name, None)
+        self.refused[name] = reason
+        self.save()
+
+    def status(self) -> dict:
+        return {
+            "enabled": self.enabled, "after": self.after, "learned": dict(self.learned),
+            "refused": dict(self.refused), "pending": list(self.pending),
+            "counts": dict(self.counts), "file": self.path,
+        }  # fmt: skip
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
