@@ -345,3 +345,21 @@ def test_big_arguments_and_results(executor):
     assert executor.submit(len, big).result(TIMEOUT) == len(big)
     result = executor.submit(bytes, 30_000_000).result(TIMEOUT)
     assert len(result) == 30_000_000 and not any(result[::4096])
+
+
+def test_tasks_see_the_warm_up_globals(tmp_path):
+    """Guards against tasks running anywhere but in a fork of the server: what the bundle's
+    warm-up built there is preloaded.warm in every task, without being rebuilt."""
+    warm = tmp_path / "warm.py"
+    warm.write_text("import os\nBUILT_BY = os.getpid()\nTABLE = {'answer': 41}\n")
+    bundle = str(tmp_path / "python-warm.bin")
+    cli("bundle", "json", "--warmup", str(warm), "-o", bundle)
+
+    def use_warm():
+        import preloaded
+
+        return preloaded.warm.TABLE["answer"] + 1, preloaded.warm.BUILT_BY, os.getppid()
+
+    with Executor(bundle, max_workers=1) as ex:
+        answer, built_by, parent = ex.submit(use_warm).result(TIMEOUT)
+    assert answer == 42 and built_by == parent  # built once, in the server
