@@ -55,6 +55,9 @@ class WorkerDied(Exception):
             how = f"exited with status {exitcode}"
         super().__init__(f"the worker (pid {pid}) {how} before returning a result")
 
+    def __reduce__(self):
+        return (type(self), (self.pid, self.exitcode))
+
 
 class RemoteTraceback(Exception):
     """Attached as ``__cause__`` of a task's exception: the traceback text from the child."""

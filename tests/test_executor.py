@@ -130,6 +130,7 @@ def test_sigkilled_worker_then_next_task_works(executor):
     with pytest.raises(WorkerDied, match=r"killed by signal 9 \(SIGKILL\)") as info:
         future.result(TIMEOUT)
     assert info.value.signal == signal.SIGKILL and info.value.exitcode == -signal.SIGKILL
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # can travel on
     with pytest.raises(WorkerDied, match="exited with status 3") as info:
         executor.submit(os._exit, 3).result(TIMEOUT)
     assert info.value.exitcode == 3 and info.value.signal is None
@@ -363,3 +364,19 @@ def test_tasks_see_the_warm_up_globals(tmp_path):
     with Executor(bundle, max_workers=1) as ex:
         answer, built_by, parent = ex.submit(use_warm).result(TIMEOUT)
     assert answer == 42 and built_by == parent  # built once, in the server
+
+
+def test_server_killed_during_a_task_then_a_new_one_serves(tmp_path):
+    """Guards against a task hanging when its server dies under it (SIGKILL, OOM killer), and
+    against the executor staying broken: the next task starts a fresh server."""
+    bundle = make_bundle(tmp_path / "python-victim.bin", "json")
+    gate = str(tmp_path / "started")
+    with Executor(bundle, max_workers=1) as ex:
+        first_server = ex.submit(os.getppid).result(TIMEOUT)
+        running = ex.submit(lambda: (open(gate, "w").close(), time.sleep(30)))
+        wait_for(gate)
+        os.kill(first_server, signal.SIGKILL)
+        error = running.exception(TIMEOUT)
+        assert isinstance(error, ServerUnavailable) and "lost the server" in str(error)
+        assert ex.submit(os.getppid).result(TIMEOUT) not in (first_server, os.getpid())
+    cli("stop", bundle)
