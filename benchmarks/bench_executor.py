@@ -3,7 +3,8 @@
 The forkserver pool preloads torch and transformers (``set_forkserver_preload``), as the
 bundle does; both run ``--workers`` tasks at once. Every measurement is a fresh program (the
 forkserver dies with its program; the bundle's server persists), timed from creating the pool
-to the last result of the first batch ("first use"), then a second batch in the same pool.
+to the last result of the first batch ("first use"), then a second batch in the same pool, then
+the latency of one task at a time (submit to result; median of 10).
 ``preloaded.Executor`` is measured with its server already running (warm) and with the server
 stopped first (its start included). Medians of ``-r`` programs of each kind, alternated within
 one run; its own bundle, runtime and cache directories (temporary); the server is stopped at
@@ -62,8 +63,14 @@ def one(kind: str, bundle: str, tasks: int, workers: int) -> dict:
         t_first = time.perf_counter()
         second = list(pool.map(task, range(tasks)))
         t_second = time.perf_counter()
+        latencies = []
+        for i in range(10):  # one task at a time: submit to result
+            t = time.perf_counter()
+            pool.submit(task, i).result()
+            latencies.append(time.perf_counter() - t)
     assert first == second and len(first) == tasks  # seeded: the same results both times
-    return {"first": t_first - start, "second": t_second - t_first}
+    return {"first": t_first - start, "second": t_second - t_first,
+            "latency": statistics.median(latencies)}  # fmt: skip
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -114,11 +121,11 @@ def report(med: dict, tasks: int, repeats: int, workers: int) -> None:
     labels = {"forkserver": "ProcessPoolExecutor(forkserver, preload torch+transformers)",
               "warm": "preloaded.Executor, server running",
               "cold": "preloaded.Executor, server started by the first task"}  # fmt: skip
-    print(f"  {'':<60} {'first use':>10} {'2nd batch':>10} {'program':>10}")
+    print(f"  {'':<60} {'first use':>10} {'2nd batch':>10} {'1 task':>10} {'program':>10}")
     for kind in KINDS:
         m = med[kind]
         print(f"  {labels[kind]:<60} {m['first'] * 1000:8.0f} ms {m['second'] * 1000:7.0f} ms "
-              f"{m['program'] * 1000:7.0f} ms")  # fmt: skip
+              f"{m['latency'] * 1000:7.1f} ms {m['program'] * 1000:7.0f} ms")  # fmt: skip
     fs = med["forkserver"]
     print(f"  first use, forkserver / Executor warm: {fs['first'] / med['warm']['first']:.1f}x")
     print(f"  first use, forkserver / Executor cold: {fs['first'] / med['cold']['first']:.2f}x")
