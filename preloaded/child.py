@@ -43,16 +43,18 @@ class Setup:
         self.learn_prefix: str | None = None
 
 
-def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -1) -> None:
+def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -1,
+        sigmask=None) -> None:  # fmt: skip
     """Run ``request`` in this freshly forked process; never returns.
 
     ``go_fd``: a pipe the server closes once the client knows the run started; nothing of the
-    command runs before that.
+    command runs before that. ``sigmask``: the signal mask to restore once the server's
+    handlers are gone (the server blocks its handled signals across fork).
     """
     status = 1
     try:
         _die_with_server()
-        _reset_process(server_fds, request["ignored"])
+        _reset_process(server_fds, request["ignored"], sigmask)
         _wait_for_go(go_fd, setup.server_pid)
         _install_stdio(request, fds, setup)
         _apply_environment(request, setup)
@@ -95,7 +97,7 @@ def _wait_for_go(go_fd: int, server_pid: int) -> None:
         os._exit(1)
 
 
-def _reset_process(server_fds: list, ignored: list) -> None:
+def _reset_process(server_fds: list, ignored: list, sigmask=None) -> None:
     """Undo what the server set up: its fds, its signal handling, its session."""
     signal.set_wakeup_fd(-1)
     for fd in server_fds:
@@ -103,12 +105,15 @@ def _reset_process(server_fds: list, ignored: list) -> None:
             os.close(fd)
         except OSError:
             pass
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
     for signum in ignored:  # inherited "ignore" survives exec, and python leaves it so
         signal.signal(signum, signal.SIG_IGN)
+    if sigmask is not None:  # a signal sent since the fork acts now, as on a process starting
+        signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()  # own session and process group: signals can reach the whole job
 
 

@@ -33,6 +33,10 @@ FORWARDABLE = {int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, si
 RETRY = {"error": "stale", "reason": "the server is stopping"}
 GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
                  int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
+# The server's own handlers. They stay blocked across fork: a signal reaching a child before it
+# reset them would go through the server's wakeup pipe (shared after fork) and stop the server
+# (seen when a client hangs up right after its request: its child gets SIGHUP at once).
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 LOG_PROBLEMS: list = []  # why the log cannot be written (disk full, ...): shown by status
@@ -164,6 +168,9 @@ class Server:
         sys.path[0:0] = self.config.get("path", [])
         baseline = preload.thread_count()
         self.import_times, suspects = preload.import_modules(self.modules, log)
+        from preloaded import worker
+
+        worker.warm_up()  # preloaded.Executor's tasks would each import it again (~5 ms)
         self._preload_learned()
         warm = self.config.get("warmup")
         if warm:
@@ -248,7 +255,7 @@ class Server:
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
 
@@ -450,10 +457,12 @@ class Server:
         # The child waits for "go" until its client was told "started": a client that loses the
         # server before that runs the command cold, so the child must not have run any of it.
         go: list = []
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             go[:] = os.pipe()
             pid = os.fork()
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             wire.close_all(fds + go)
             self._reject(conn, f"cannot fork: {exc.strerror}")
             return
@@ -461,9 +470,10 @@ class Server:
         if pid == 0:
             try:
                 os.close(go_w)
-                child.run(request, fds, server_fds, self.child_setup, go_fd=go_r)
+                child.run(request, fds, server_fds, self.child_setup, go_fd=go_r, sigmask=mask)
             finally:
                 os._exit(70)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         wire.close_all(fds + [go_r])
         self.runs += 1
         conn.pid = pid

@@ -6,6 +6,7 @@ signal, and exit status, stdout and stderr must match. Every wait has a deadline
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -193,3 +194,53 @@ def test_no_zombie_children_left_in_the_server(light_bundle):
             break
         time.sleep(0.05)
     assert zombies == []
+
+
+MASK = "print(open('/proc/self/status').read().split('SigBlk:')[1].split()[0])"
+
+
+def test_child_starts_with_pythons_signal_mask(light_bundle):
+    """Guards against a child left with the signals the server blocks across fork still
+    blocked (Ctrl-C, SIGTERM and SIGHUP would never reach the user's code)."""
+    warm = subprocess.run([light_bundle, "-c", MASK], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=_env(), check=True).stdout  # fmt: skip
+    cold = subprocess.run([PYTHON, "-c", MASK], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=_env(), check=True).stdout  # fmt: skip
+    assert warm == cold
+
+
+HANG_UP = """\
+import os, socket, sys
+from preloaded import wire
+request = {"v": 1, "mode": "code", "target": "pass", "argv": ["-c"], "orig_argv": ["python"],
+           "cwd": "/", "env": {}, "umask": 18, "stdio": ["pipe"] * 3, "ignored": [],
+           "flags": {"u": False, "B": False, "i": False, "q": False, "W": []}}
+null = os.open(os.devnull, os.O_RDWR)
+for _ in range(int(sys.argv[2])):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(sys.argv[1])
+        wire.send(sock, request, [null, null, null])
+        sock.shutdown(socket.SHUT_WR)  # gone at once: the server SIGHUPs the new child
+"""
+
+
+@pytest.mark.stress
+def test_clients_hanging_up_at_once_leave_the_server_running(tmp_path):
+    """Guards against a SIGHUP sent to a child that has not yet reset the server's handlers:
+    its C handler wrote to the server's wakeup pipe (shared after fork) and the server stopped
+    ("got signal 1: stopping"), about one time in two with 4 x 1500 such clients."""
+    from conftest import REPO, cli, make_bundle
+
+    bundle = make_bundle(tmp_path / "python-hup.bin", "json")
+    subprocess.run([bundle, "-c", "pass"], check=True, timeout=TIMEOUT, env=_env())
+    before = json.loads(cli("status", "--json", bundle).stdout)
+    procs = [subprocess.Popen([PYTHON, "-c", HANG_UP, before["socket"], "800"], cwd=REPO)
+             for _ in range(4)]  # fmt: skip
+    try:
+        codes = [proc.wait(120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    after = json.loads(cli("status", "--json", bundle).stdout)
+    assert codes == [0] * 4 and after["pid"] == before["pid"]
+    cli("stop", bundle)

@@ -1,0 +1,382 @@
+"""preloaded.Executor: calls run in real warm children of a real server, and come back."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cloudpickle
+import pytest
+from conftest import PYTHON, REPO, cli, make_bundle
+
+import preloaded
+from preloaded.executor import (
+    BundleError,
+    Executor,
+    RemoteTraceback,
+    ServerUnavailable,
+    WorkerDied,
+)
+from preloaded.worker import RemoteError
+
+# The functions below go to the children by value: importing this module there would import
+# conftest, which makes a temporary directory of its own in every child.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TIMEOUT = 60  # seconds: every wait on a future has a deadline
+
+
+@pytest.fixture
+def executor(light_bundle):
+    ex = Executor(light_bundle, max_workers=2)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_running(future, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while not future.running():
+        assert time.monotonic() < end, "the task never started"
+        time.sleep(0.01)
+
+
+def wait_for(path: str, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.01)
+
+
+def test_returns_values_from_a_fresh_child(executor):
+    """Guards against results lost or mixed up, and against a task running in the caller (or in
+    a reused worker that keeps a previous task's state)."""
+    assert executor.submit(pow, 2, 10).result(TIMEOUT) == 1024
+
+    def tag(value, *, suffix):
+        global _STATE
+        seen = globals().get("_STATE")
+        _STATE = value
+        return f"{value}{suffix}", os.getpid(), seen
+
+    first = executor.submit(tag, "a", suffix="!").result(TIMEOUT)
+    second = executor.submit(tag, "b", suffix="?").result(TIMEOUT)
+    assert first[0] == "a!" and second[0] == "b?"
+    assert os.getpid() not in (first[1], second[1]) and first[1] != second[1]
+    assert second[2] is None  # the first task's global did not survive into the second
+
+
+def test_lambdas_and_closures(executor):
+    """Guards against plain pickle: a lambda or a closure over a local must reach the child."""
+    base = 10
+
+    def add_base(x):
+        return x + base
+
+    assert executor.submit(lambda: base * 3).result(TIMEOUT) == 30
+    assert executor.submit(add_base, 5).result(TIMEOUT) == 15
+    assert executor.submit(lambda f, x: f(x), add_base, 1).result(TIMEOUT) == 11
+
+
+def _inner_failure(n):
+    raise ValueError(f"bad value {n}")
+
+
+def _outer(n):
+    return _inner_failure(n) + 1
+
+
+def test_remote_exception_carries_its_traceback(executor):
+    """Guards against a task's exception lost, retyped, or coming back without the child's
+    traceback text (which names the functions it went through)."""
+    future = executor.submit(_outer, 7)
+    with pytest.raises(ValueError, match="bad value 7") as info:
+        future.result(TIMEOUT)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "_outer" in cause.tb and "_inner_failure" in cause.tb
+    assert "ValueError: bad value 7" in cause.tb
+    assert "preloaded/worker.py" not in cause.tb  # our own frames are left out
+
+
+class _Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def _raise_unpicklable():
+    raise _Unpicklable()
+
+
+def test_unpicklable_exception_still_reported(executor):
+    """Guards against a task whose exception cannot be pickled looking like a dead worker."""
+    with pytest.raises(RemoteError, match="_Unpicklable: holds a lock") as info:
+        executor.submit(_raise_unpicklable).result(TIMEOUT)
+    assert "_raise_unpicklable" in info.value.__cause__.tb
+
+
+def test_sigkilled_worker_then_next_task_works(executor):
+    """Guards against a crashed child hanging its future or breaking the executor (as a
+    ProcessPoolExecutor does: BrokenProcessPool)."""
+    future = executor.submit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(WorkerDied, match=r"killed by signal 9 \(SIGKILL\)") as info:
+        future.result(TIMEOUT)
+    assert info.value.signal == signal.SIGKILL and info.value.exitcode == -signal.SIGKILL
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # can travel on
+    with pytest.raises(WorkerDied, match="exited with status 3") as info:
+        executor.submit(os._exit, 3).result(TIMEOUT)
+    assert info.value.exitcode == 3 and info.value.signal is None
+    assert executor.submit(lambda: "alive").result(TIMEOUT) == "alive"
+
+
+def test_unpicklable_result_is_a_clear_error(executor):
+    """Guards against a result that cannot be pickled killing the child or hanging the caller."""
+    future = executor.submit(lambda: (i for i in range(3)))
+    with pytest.raises(pickle.PicklingError, match=r"result \(generator\) cannot be pickled"):
+        future.result(TIMEOUT)
+    unpicklable_arg = executor.submit(len, threading.Lock())
+    assert isinstance(unpicklable_arg.exception(TIMEOUT), TypeError)
+    assert executor.submit(len, "abc").result(TIMEOUT) == 3
+
+
+def test_map_keeps_order(executor):
+    """Guards against map yielding results in completion order, and against its timeout being
+    ignored."""
+
+    def slow_square(i):
+        time.sleep(0.05 * (5 - i))  # later items finish first
+        return i * i
+
+    assert list(executor.map(slow_square, range(6), timeout=TIMEOUT)) == [0, 1, 4, 9, 16, 25]
+    results = executor.map(time.sleep, [2, 2], timeout=0.2)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        list(results)
+
+
+def test_cancel_pending_futures(light_bundle, tmp_path):
+    """Guards against cancel() failing on a queued task, or a cancelled task running anyway."""
+    gate = str(tmp_path / "gate")
+    ex = Executor(light_bundle, max_workers=1)
+    try:
+        blocker = ex.submit(wait_for, gate)
+        wait_running(blocker)
+        queued = [ex.submit(open, str(tmp_path / f"ran-{i}"), "w") for i in range(3)]
+        assert all(f.cancel() for f in queued)
+        assert blocker.cancel() is False  # running: cannot be cancelled
+        open(gate, "w").close()
+        assert blocker.result(TIMEOUT) is None
+    finally:
+        ex.shutdown(wait=True)
+    assert all(f.cancelled() for f in queued)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("ran-")]
+
+
+def test_shutdown_wait_and_cancel_futures(light_bundle, tmp_path):
+    """Guards against shutdown(wait=True) returning before running tasks end, and against
+    cancel_futures leaving queued tasks to run."""
+    gate, done = str(tmp_path / "gate"), str(tmp_path / "done")
+
+    def wait_then_write():
+        wait_for(gate)
+        time.sleep(0.3)
+        open(done, "w").close()
+        return "finished"
+
+    ex = Executor(light_bundle, max_workers=1)
+    running = ex.submit(wait_then_write)
+    wait_running(running)
+    queued = ex.submit(open, str(tmp_path / "queued-ran"), "w")
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(len, "x")
+    open(gate, "w").close()
+    ex.shutdown(wait=True)
+    assert running.done() and running.result(0) == "finished" and os.path.exists(done)
+    assert not os.path.exists(tmp_path / "queued-ran")
+
+
+def test_max_workers_respected(light_bundle, tmp_path):
+    """Guards against more children running at once than max_workers (or fewer: no overlap)."""
+
+    def count_peers(directory):
+        mine = os.path.join(directory, str(os.getpid()))
+        open(mine, "w").close()
+        try:
+            time.sleep(1.0)
+            return len(os.listdir(directory))
+        finally:
+            os.unlink(mine)
+
+    with Executor(light_bundle, max_workers=2) as ex:
+        counts = list(ex.map(count_peers, [str(tmp_path)] * 6, timeout=TIMEOUT))
+    assert max(counts) == 2, counts
+
+
+CALLER = """\
+import sys
+import preloaded
+
+def task(n):
+    print("task says", n)
+    print("task warns", file=sys.stderr)
+    return n * 2
+
+print("caller before")
+with preloaded.Executor(sys.argv[1], max_workers=1) as ex:
+    print("result", ex.submit(task, 21).result(60))
+"""
+
+
+def test_task_output_reaches_the_callers_stdout(light_bundle, tmp_path):
+    """Guards against a task's prints being lost, mixed into the result channel (a corrupt
+    result), or coming out before what the caller printed first."""
+    script = tmp_path / "caller.py"
+    script.write_text(CALLER)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([PYTHON, str(script), light_bundle], capture_output=True, text=True,
+                          env=env, timeout=TIMEOUT, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "caller before\ntask says 21\nresult 42\n"
+    assert proc.stderr == "task warns\n"
+
+
+def test_task_stdin_is_not_the_channel(executor):
+    """Guards against a task reading the call channel (or the caller's stdin) as its stdin."""
+    assert isinstance(executor.submit(input).exception(TIMEOUT), EOFError)
+
+
+def test_missing_or_bad_bundle_fails_at_construction(tmp_path):
+    """Guards against a typo in the bundle path surfacing only at the first result."""
+    with pytest.raises(BundleError, match="no such bundle file"):
+        Executor(str(tmp_path / "nope.bin"))
+    other = tmp_path / "script.py"
+    other.write_text("print('not a starter')\n")
+    with pytest.raises(BundleError, match="not a starter"):
+        Executor(str(other))
+    with pytest.raises(ValueError):
+        Executor(str(other), max_workers=0)
+
+
+def test_server_that_cannot_start_is_a_one_line_error(tmp_path):
+    """Guards against a failed server start hanging the future or giving a raw traceback."""
+    module = tmp_path / "fragile_mod.py"
+    module.write_text("X = 1\n")
+    bundle = str(tmp_path / "fragile.bin")  # found through PYTHONPATH at bundle time...
+    cli("bundle", "fragile_mod", "-o", bundle, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    module.write_text("raise ImportError('fragile_mod is broken')\n")  # ...then broken
+    with Executor(bundle, max_workers=1) as ex:
+        error = ex.submit(len, "x").exception(TIMEOUT)
+    assert isinstance(error, ServerUnavailable)
+    assert "cannot start the server" in str(error) and "fragile_mod is broken" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_import_preloaded_stays_cheap():
+    """Guards against `import preloaded` (every warm run does it) loading the executor."""
+    code = (
+        "import sys, preloaded; print(sorted(m for m in ('preloaded.executor', "
+        "'concurrent.futures', 'cloudpickle') if m in sys.modules))"
+    )
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         timeout=TIMEOUT, check=True).stdout  # fmt: skip
+    assert out == "[]\n"
+    assert preloaded.Executor is Executor and preloaded.WorkerDied is WorkerDied
+
+
+@pytest.fixture(scope="module")
+def torch_bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("torch") / "python-torch.bin", "torch")
+
+
+@pytest.mark.torch
+def test_torch_tensor_result(torch_bundle):
+    """Guards against tensors failing to travel back, and against tasks not running in a fork
+    of the server (torch already imported before the task imports it)."""
+    import torch
+
+    def make(n):
+        import sys
+
+        warm = "torch" in sys.modules
+        import torch
+
+        return torch.arange(n, dtype=torch.float32).reshape(2, -1) * 2, warm
+
+    with Executor(torch_bundle, max_workers=2) as ex:
+        futures = [ex.submit(make, n) for n in (4, 6)]
+        results = [f.result(TIMEOUT) for f in futures]
+    assert torch.equal(results[0][0], torch.tensor([[0.0, 2.0], [4.0, 6.0]]))
+    assert results[1][0].shape == (2, 3) and results[1][1] is True
+
+
+def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd):
+    """Guards against a bundle written by an older py-preload (its server's package has no
+    worker module) giving a ConnectionResetError or a hang instead of a dead worker whose
+    stderr says why."""
+    old = tmp_path / "old"
+    shutil.copytree(os.path.join(REPO, "preloaded"), old / "preloaded",
+                    ignore=shutil.ignore_patterns("worker.py", "__pycache__"))  # fmt: skip
+    server = old / "preloaded" / "server.py"  # as it was before the executor: no warm-up
+    text = server.read_text()
+    warm = "        from preloaded import worker\n\n        worker.warm_up()"
+    assert warm in text
+    server.write_text(text.replace(warm, ""))
+    bundle = str(tmp_path / "old.bin")
+    subprocess.run([PYTHON, "-m", "preloaded.cli", "bundle", "json", "-o", bundle], cwd=old,
+                   check=True, capture_output=True, timeout=TIMEOUT)  # fmt: skip
+    with Executor(bundle, max_workers=1) as ex:
+        error = ex.submit(len, "x").exception(TIMEOUT)
+    assert isinstance(error, WorkerDied) and error.exitcode == 1
+    assert "cannot run executor tasks" in capfd.readouterr().err
+
+
+def test_big_arguments_and_results(executor):
+    """Guards against a deadlock when the call or the outcome is bigger than a socket buffer
+    (the child blocks writing its result until the caller reads it, and only then exits)."""
+    big = b"x" * 20_000_000
+    assert executor.submit(len, big).result(TIMEOUT) == len(big)
+    result = executor.submit(bytes, 30_000_000).result(TIMEOUT)
+    assert len(result) == 30_000_000 and not any(result[::4096])
+
+
+def test_tasks_see_the_warm_up_globals(tmp_path):
+    """Guards against tasks running anywhere but in a fork of the server: what the bundle's
+    warm-up built there is preloaded.warm in every task, without being rebuilt."""
+    warm = tmp_path / "warm.py"
+    warm.write_text("import os\nBUILT_BY = os.getpid()\nTABLE = {'answer': 41}\n")
+    bundle = str(tmp_path / "python-warm.bin")
+    cli("bundle", "json", "--warmup", str(warm), "-o", bundle)
+
+    def use_warm():
+        import preloaded
+
+        return preloaded.warm.TABLE["answer"] + 1, preloaded.warm.BUILT_BY, os.getppid()
+
+    with Executor(bundle, max_workers=1) as ex:
+        answer, built_by, parent = ex.submit(use_warm).result(TIMEOUT)
+    assert answer == 42 and built_by == parent  # built once, in the server
+
+
+def test_server_killed_during_a_task_then_a_new_one_serves(tmp_path):
+    """Guards against a task hanging when its server dies under it (SIGKILL, OOM killer), and
+    against the executor staying broken: the next task starts a fresh server."""
+    bundle = make_bundle(tmp_path / "python-victim.bin", "json")
+    gate = str(tmp_path / "started")
+    with Executor(bundle, max_workers=1) as ex:
+        first_server = ex.submit(os.getppid).result(TIMEOUT)
+        running = ex.submit(lambda: (open(gate, "w").close(), time.sleep(30)))
+        wait_for(gate)
+        os.kill(first_server, signal.SIGKILL)
+        error = running.exception(TIMEOUT)
+        assert isinstance(error, ServerUnavailable) and "lost the server" in str(error)
+        assert ex.submit(os.getppid).result(TIMEOUT) not in (first_server, os.getpid())
+    cli("stop", bundle)
