@@ -330,6 +330,11 @@ def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd):
     warm = "        from preloaded import worker\n\n        worker.warm_up()"
     assert warm in text
     server.write_text(text.replace(warm, ""))
+    # This checkout's editable install maps every preloaded.* name to it, worker.py included:
+    # the old copy must stand alone, as an old installed py-preload would.
+    with open(old / "preloaded" / "__init__.py", "a") as init:
+        init.write("import sys\nsys.meta_path[:] = [f for f in sys.meta_path "
+                   "if '__editable__' not in getattr(f, '__module__', '')]\n")
     bundle = str(tmp_path / "old.bin")
     subprocess.run([PYTHON, "-m", "preloaded.cli", "bundle", "json", "-o", bundle], cwd=old,
                    check=True, capture_output=True, timeout=TIMEOUT)  # fmt: skip
