@@ -131,6 +131,7 @@ class Server:
         self.children: dict = {}  # pid -> Conn
         self.listener: socket.socket | None = None
         self.lock = None
+        self.info_ino = None  # our info file (a successor may have replaced it)
         self.lock_fds: list = []
         self.stopping = False
         self.stamps: Stamps | None = None
@@ -249,6 +250,7 @@ class Server:
         tmp = self.paths.info + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(info, f)
+            self.info_ino = os.fstat(f.fileno()).st_ino
         os.replace(tmp, self.paths.info)
 
     def install_signals(self) -> None:
@@ -554,8 +556,10 @@ class Server:
         """
         self.stopping = True
         if self.listener is not None:
-            for path in (self.paths.socket, self.paths.info):
-                _unlink_if_ours(path, self.socket_ino if path == self.paths.socket else None)
+            # Only our own files: after the runtime dir was removed under us, a successor's are
+            # there (removing its info file would hide it from `list` and `stop --all`).
+            _unlink_if_ours(self.paths.socket, self.socket_ino)
+            _unlink_if_ours(self.paths.info, self.info_ino)
             self.sel.unregister(self.listener)
             self._drain_backlog(retry)
             self.listener.close()
@@ -636,7 +640,7 @@ def _peer_is_us(sock: socket.socket) -> bool:
 
 def _unlink_if_ours(path: str, ino) -> None:
     try:
-        if ino is None or os.stat(path).st_ino == ino:
+        if os.stat(path).st_ino == ino:
             os.unlink(path)
     except OSError:
         pass

@@ -316,8 +316,13 @@ def test_runtime_dir_removed_under_a_running_server(private_env, tmp_path):
     proc.kill()
     proc.communicate(timeout=RUN_TIMEOUT)
     wait_until(lambda: gone(first), 10, "the old server to retire")
-    mode = os.stat(os.path.join(private_env["XDG_RUNTIME_DIR"], "py-preload")).st_mode & 0o777
-    assert mode == 0o700
+    runtime = os.path.join(private_env["XDG_RUNTIME_DIR"], "py-preload")
+    assert os.stat(runtime).st_mode & 0o777 == 0o700
+    # The retiring server removes only its own files: its successor stays listed (and stoppable).
+    infos = [name for name in os.listdir(runtime) if name.endswith(".json")]
+    assert len(infos) == 1, infos
+    with open(os.path.join(runtime, infos[0])) as f:
+        assert json.load(f)["pid"] == int(again.stdout)
 
 
 CODE = "import sys; print('out', sys.argv[1:]); print('err', file=sys.stderr); sys.exit(4)"
