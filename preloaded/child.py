@@ -1,7 +1,9 @@
 """Everything between fork and the end of a run: become ``python ARGS`` for the caller.
 
-``run`` never returns: whatever happens, the child ends with ``os._exit`` so that it neither
-falls back into the server's loop nor pays the interpreter's teardown.
+A child is forked ahead of its run and parked (a standby, see ``park``); the server hands it a
+run over a socketpair. ``park`` never returns: whatever happens, the child ends with
+``os._exit`` so that it neither falls back into the server's loop nor pays the interpreter's
+teardown.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import importlib
 import io
 import os
 import signal
+import socket
 import sys
 import types
 
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
+
+from preloaded import wire
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
@@ -36,21 +41,26 @@ class Setup:
         self.server_pid = os.getpid()  # built in the server: the parent every child must have
 
 
-def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -1) -> None:
-    """Run ``request`` in this freshly forked process; never returns.
+def park(channel: int, server_fds: list, setup: Setup) -> None:
+    """Be a standby: set up what no request decides, then block until the server hands over a
+    run on ``channel``; never returns.
 
-    ``go_fd``: a pipe the server closes once the client knows the run started; nothing of the
-    command runs before that.
+    Parked, the process sits in ``recvmsg`` (no CPU). The hand-over is one frame (the request,
+    with the caller's stdio fds by SCM_RIGHTS), then EOF once the client was told "started":
+    nothing of the command runs before that EOF, as a client that loses the server before it
+    runs the command cold. Everything the request decides (signals it ignores, stdio, the
+    environment, cwd, umask, argv, RNG seeds) is applied after the hand-over, never at fork.
     """
     status = 1
     try:
         _die_with_server()
-        _reset_process(server_fds, request["ignored"])
-        _wait_for_go(go_fd, setup.server_pid)
-        _install_stdio(request, fds, setup)
-        _apply_environment(request, setup)
-        status = _execute(request)
-        status = _finalize(status)
+        _reset_process(server_fds)
+        if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
+            os._exit(1)
+        request, fds = _receive(channel, setup)
+        status = _serve(request, fds, setup)
+    except KeyboardInterrupt:  # a SIGINT before the command started: ends by SIGINT, as python
+        status = SIGINT_EXIT
     except BaseException:  # a py-preload bug: say so on the caller's stderr
         try:
             import traceback
@@ -66,6 +76,48 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -
         os._exit(status & 0xFF)
 
 
+def _serve(request: dict, fds: list, setup: Setup) -> int:
+    """The run itself, once handed over: stdio, environment, the command, python's ending."""
+    _install_stdio(request, fds, setup)
+    _apply_environment(request, setup)
+    status = _execute(request)
+    return _finalize(status)
+
+
+def _receive(channel: int, setup: Setup) -> tuple:
+    """Block until the server hands over a run: (request, fds). Returns after the "go" (EOF).
+
+    EOF before a whole request means the server discarded this standby (or died): exit quietly.
+    """
+    reader = wire.FrameReader()
+    fds: list = []
+    request = None
+    while request is None:
+        data, ancdata, flags, _ = _recvmsg(channel)
+        fds.extend(wire.unpack_fds(ancdata, flags))
+        if not data:
+            os._exit(0)
+        reader.feed(data)
+        for request in reader.frames():
+            break
+    for signum in request["ignored"]:  # inherited "ignore" survives exec, and python leaves it so
+        signal.signal(signum, signal.SIG_IGN)
+    while _recvmsg(channel)[0]:  # wait for the "go": EOF once the client was told "started"
+        pass
+    os.close(channel)
+    if os.getppid() != setup.server_pid:  # EOF because the server died: its client goes cold
+        os._exit(1)
+    return request, fds
+
+
+def _recvmsg(channel: int) -> tuple:
+    sock = socket.socket(fileno=channel)
+    try:
+        return sock.recvmsg(1 << 16, wire.anc_space())
+    finally:
+        sock.detach()
+
+
 def _die_with_server() -> None:
     """Have the kernel SIGKILL this child when the server dies.
 
@@ -76,18 +128,7 @@ def _die_with_server() -> None:
         _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
-def _wait_for_go(go_fd: int, server_pid: int) -> None:
-    """Run nothing of the command until the client knows it started (else a client that lost
-    the server would run it cold a second time); then make sure the server is still our parent
-    (it could have died between fork and prctl, before PR_SET_PDEATHSIG was armed)."""
-    if go_fd >= 0:
-        os.read(go_fd, 1)  # EOF: the server sent "started" (or died)
-        os.close(go_fd)
-    if os.getppid() != server_pid:
-        os._exit(1)
-
-
-def _reset_process(server_fds: list, ignored: list) -> None:
+def _reset_process(server_fds: list) -> None:
     """Undo what the server set up: its fds, its signal handling, its session."""
     signal.set_wakeup_fd(-1)
     for fd in server_fds:
@@ -99,8 +140,6 @@ def _reset_process(server_fds: list, ignored: list) -> None:
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
-    for signum in ignored:  # inherited "ignore" survives exec, and python leaves it so
-        signal.signal(signum, signal.SIG_IGN)
     os.setsid()  # own session and process group: signals can reach the whole job
 
 
@@ -223,7 +262,12 @@ def _dedupe(paths: list) -> list:
 
 
 def _reseed() -> None:
-    """The fork copied the server's RNG states; give each run its own, as a new process has."""
+    """The fork copied the server's RNG states; give each run its own, as a new process has.
+
+    At the hand-over, not at fork: a standby forked ahead must not carry a seed of its own."""
+    py_random = sys.modules.get("random")
+    if py_random is not None:  # it reseeds itself at fork; at fork is not enough here
+        py_random.seed()
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         np_random.seed()

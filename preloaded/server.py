@@ -21,6 +21,9 @@ from preloaded.staleness import Stamps
 
 ALREADY_RUNNING = 3
 FIRST_FRAME_TIMEOUT = 10.0  # a client that connects and never sends is dropped after this
+# A run just handed over may be a short one: fork its successor once it ended or after this.
+REFILL_AFTER = float(os.environ.get("PY_PRELOAD_REFILL_AFTER", "0.05"))
+HAND_OVER_TIMEOUT = 5.0  # a parked standby reads its request at once; this is only a safety net
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
 LOCK_WAIT = 5.0  # a new server waits this long for a retiring one (lost socket) to let go
 MODES = ("script", "module", "code", "stdin", "repl")
@@ -113,6 +116,14 @@ class Conn:
         self.closed = False
 
 
+class Standby:
+    """A child forked ahead and parked in a read on its end of ``channel``."""
+
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel
+
+
 class Server:
     def __init__(self, config: dict) -> None:
         self.config = config
@@ -134,6 +145,10 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         self.child_setup = None
+        self.standby: Standby | None = None
+        self.standby_enabled = _standby_enabled(config)
+        self.standby_failed = False  # the last fork of a standby failed: fork on demand only
+        self.last_hand_over = 0.0
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -217,6 +232,8 @@ class Server:
                 key.data(key.fileobj)
             self._check_deadlines()
             self._check_socket()
+            if not events and self._refill_in() == 0.0:
+                self._refill_standby()
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -228,6 +245,9 @@ class Server:
                 limits.append(conn.kill_at - now)
         if not self.conns and not self.children:
             limits.append(self.last_active + self.idle_timeout - now)
+        refill = self._refill_in(now)
+        if refill is not None:
+            limits.append(refill)
         return max(0.0, min(limits))
 
     def _check_deadlines(self) -> None:
@@ -352,6 +372,7 @@ class Server:
             "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
             "modules": self.modules, "import_times": self.import_times,
             "runs": self.runs, "children": sorted(self.children),
+            "standby": self.standby.pid if self.standby else None,
             "stale": self.stamps.changed() if self.stamps else None,
             "warnings": self.warnings + LOG_PROBLEMS,
             "bundle": self.config["bundle"], "python": sys.executable,
@@ -359,33 +380,98 @@ class Server:
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
-        from preloaded import child
-
+        """Hand ``request`` to the parked standby (forking one now if none is parked)."""
         fds, conn.fds = conn.fds, []
-        server_fds = self._own_fds()
-        # The child waits for "go" until its client was told "started": a client that loses the
-        # server before that runs the command cold, so the child must not have run any of it.
-        go: list = []
         try:
-            go[:] = os.pipe()
-            pid = os.fork()
+            standby = self._hand_over(request, fds)
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
-            wire.close_all(fds + go)
             self._reject(conn, f"cannot fork: {exc.strerror}")
             return
-        go_r, go_w = go
+        finally:
+            wire.close_all(fds)  # the standby holds its own copies now
+        self.runs += 1
+        conn.pid = standby.pid
+        self.children[standby.pid] = conn
+        self.last_hand_over = time.monotonic()
+        self._reply(conn, {"started": standby.pid})
+        standby.channel.close()  # EOF is the "go": the client knows the run started
+
+    def _hand_over(self, request: dict, fds: list) -> Standby:
+        """Send the request and the caller's fds to a standby; return it. A standby that died
+        while parked (its end of the channel is closed) is discarded and a fresh one tried."""
+        for _attempt in range(3):
+            standby, self.standby = self.standby or self._spawn_standby(), None
+            try:
+                standby.channel.settimeout(HAND_OVER_TIMEOUT)  # it reads at once: it is parked
+                wire.send(standby.channel, request, fds)
+                return standby
+            except OSError as exc:
+                log(f"standby {standby.pid} lost ({exc}): forking another")
+                self._discard(standby)
+        raise OSError(0, "every standby died before its hand-over")
+
+    def _spawn_standby(self) -> Standby:
+        """Fork a child that parks until a run is handed to it (see child.park)."""
+        from preloaded import child
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        server_fds = self._own_fds() + [ours.fileno()]
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             try:
-                os.close(go_w)
-                child.run(request, fds, server_fds, self.child_setup, go_fd=go_r)
+                child.park(theirs.fileno(), server_fds, self.child_setup)
             finally:
                 os._exit(70)
-        wire.close_all(fds + [go_r])
-        self.runs += 1
-        conn.pid = pid
-        self.children[pid] = conn
-        self._reply(conn, {"started": pid})
-        wire.close_all([go_w])  # EOF is the "go"
+        theirs.close()
+        self.standby_failed = False
+        return Standby(pid, ours)
+
+    def _refill_standby(self) -> None:
+        """Fork the next standby now, if one is wanted: the loop is idle, so that forking delays
+        no run (the run just handed over, nor a run arriving)."""
+        if self.standby is not None or not self.standby_enabled or self.stopping:
+            return
+        try:
+            self.standby = self._spawn_standby()
+        except OSError as exc:  # the next run forks on demand (and is refused if that fails)
+            log(f"cannot fork a standby: {exc.strerror}")
+            self.standby_failed = True
+
+    def _refill_in(self, now: float | None = None) -> float | None:
+        """Seconds until the next standby should be forked (0: now); None if none is wanted.
+
+        Not while a run just handed over is still going (for REFILL_AFTER at most): on a small
+        machine the fork competes with that run, and a short run's exit would wait for it."""
+        if self.standby is not None or not self.standby_enabled or self.stopping:
+            return None
+        if self.standby_failed:
+            return None
+        if not self.children:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.last_hand_over + REFILL_AFTER - now)
+
+    def discard_standby(self) -> None:
+        """Kill and reap the parked standby, if any: the server's state changed (more imports,
+        for instance), and the next run must get a child forked after that change. The next one
+        is forked at the loop's next idle moment (or on demand by the next run)."""
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            self._discard(standby)
+        self.standby_failed = False
+
+    def _discard(self, standby: Standby) -> None:
+        standby.channel.close()  # EOF: a standby that has not yet parked exits by itself
+        _kill(standby.pid, signal.SIGKILL, group=False)
+        try:
+            os.waitpid(standby.pid, 0)
+        except ChildProcessError:  # already reaped by _reap
+            pass
 
     def _own_fds(self) -> list:
         fds = [self.wake_r, self.wake_w, self.sel.fileno()]
@@ -393,6 +479,8 @@ class Server:
             fds.append(self.listener.fileno())
         fds.extend(self.conns)
         fds.extend(self.lock_fds)
+        if self.standby is not None:
+            fds.append(self.standby.channel.fileno())
         return fds
 
     def _reap(self) -> None:
@@ -403,6 +491,11 @@ class Server:
                 return
             if pid == 0:
                 return
+            if self.standby is not None and pid == self.standby.pid:
+                log(f"standby {pid} died while parked ({_describe(status)})")
+                self.standby.channel.close()
+                self.standby = None
+                continue
             conn = self.children.pop(pid, None)
             if conn is None:
                 continue
@@ -457,6 +550,7 @@ class Server:
         Runs not yet started get ``retry`` (a "stale" error): their clients start a new server.
         """
         self.stopping = True
+        self.discard_standby()
         if self.listener is not None:
             for path in (self.paths.socket, self.paths.info):
                 _unlink_if_ours(path, self.socket_ino if path == self.paths.socket else None)
@@ -495,6 +589,19 @@ class _FdLock:
 
     def release(self) -> None:
         os.close(self.fd)
+
+
+def _standby_enabled(config: dict) -> bool:
+    """A standby child unless PY_PRELOAD_STANDBY=0 (the server's environment) or the bundle's
+    config says ``"standby": false``."""
+    if os.environ.get("PY_PRELOAD_STANDBY", "").strip() in ("0", "false", "no", "off"):
+        return False
+    return bool(config.get("standby", True))
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"signal {-code}" if code < 0 else f"exit {code}"
 
 
 def _flock_within(fd: int, timeout: float) -> None:
