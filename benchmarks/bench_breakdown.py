@@ -1,7 +1,7 @@
 """Where a warm run's time goes: client start, client imports, hand-over, child set-up, exit.
 
-Measured in one run on a torch + transformers server (``--light``: json only), with and without
-the standby child. The client's share comes from timing the starter and ``-X importtime``; the
+Measured in one run on a torch + transformers server (``--light``: json only): the default,
+without the standby child (PY_PRELOAD_STANDBY=0) and without the fast exit (PY_PRELOAD_FASTEXIT=0). The client's share comes from timing the starter and ``-X importtime``; the
 server's and child's shares from a client driven here, in-process, over the wire protocol, with
 CLOCK_MONOTONIC (one clock for every process) stamped by the child at the start and end of the
 user's code. Usage:
@@ -30,6 +30,7 @@ from preloaded.paths import Paths  # noqa: E402
 USER = ("import time; t0 = time.monotonic()\n"
         "import torch, transformers\nfrom transformers import AutoModel\n"
         "print(t0, time.monotonic())\n")  # fmt: skip
+PAUSE = 0.1
 LIGHT_USER = "import time; t0 = time.monotonic()\nimport json\nprint(t0, time.monotonic())\n"
 
 
@@ -97,9 +98,10 @@ def main() -> int:
         os.mkdir(env["XDG_RUNTIME_DIR"], 0o700)
         os.environ.update(XDG_RUNTIME_DIR=env["XDG_RUNTIME_DIR"])
         os.environ.update(XDG_CACHE_HOME=env["XDG_CACHE_HOME"])
-        bundles = {"standby": os.path.join(tmp, "python-a.bin"),
-                   "no standby": os.path.join(tmp, "python-b.bin")}  # fmt: skip
-        envs = {"standby": env, "no standby": {**env, "PY_PRELOAD_STANDBY": "0"}}
+        configs = {"default": {}, "no standby": {"PY_PRELOAD_STANDBY": "0"},
+                   "no fast exit": {"PY_PRELOAD_FASTEXIT": "0"}}  # fmt: skip
+        bundles = {name: os.path.join(tmp, f"python-{i}.bin") for i, name in enumerate(configs)}
+        envs = {name: {**env, **extra} for name, extra in configs.items()}  # reach the servers
         script = os.path.join(tmp, "script.py")
         with open(script, "w", encoding="utf-8") as f:
             f.write(code)
@@ -112,10 +114,13 @@ def main() -> int:
             for _ in range(args.n):
                 walls["noop"].append(timed([PYTHON, "-S", "-E", "-c", "pass"], env))
                 for name, bundle in bundles.items():
+                    # Pauses as between two commands typed: the next standby is forked, the
+                    # last run's memory torn down (back-to-back runs: bench_startup.py).
+                    time.sleep(PAUSE)
                     walls[name].append(timed([bundle, script], envs[name]))
+                    time.sleep(PAUSE)
                     phases[name].append(one_run(Paths(bundle).socket, code, envs[name]))
-                    time.sleep(0.02)  # as between two commands: the standby is forked again
-            imports = statistics.median(client_imports(bundles["standby"], env) for _ in range(5))
+            imports = statistics.median(client_imports(bundles["default"], env) for _ in range(5))
         finally:
             py_preload(env, "stop", "--all")
     report(walls, phases, imports, args.n, "json" if args.light else "torch + transformers")
@@ -129,14 +134,16 @@ def report(walls: dict, phases: dict, imports: float, n: int, what: str) -> None
     for name in phases:
         print(f"  {'starter script.py, ' + name:<34} {ms(walls[name])}")
     print(f"  {'starter imports (-X importtime)':<34} {imports * 1000:7.2f} ms")
-    print("  phases, driven in-process:" + "".join(f"{name:>16}" for name in phases))
-    for phase in phases["standby"][0]:
-        row = "".join(f"{ms([p[phase] for p in runs]):>16}" for runs in phases.values())
+    print("  phases, driven in-process:" + "".join(f"{name:>14}" for name in phases))
+    for phase in phases["default"][0]:
+        row = "".join(f"{ms([p[phase] for p in runs]):>14}" for runs in phases.values())
         print(f"    {phase:<26}{row}")
-    ratio = statistics.median(walls["no standby"]) / statistics.median(walls["standby"])
-    print(f"  {'no standby / standby (wall)':<34} {ratio:7.2f}")
-    print(f"  {'warm / noop (standby)':<34} "
-          f"{statistics.median(walls['standby']) / statistics.median(walls['noop']):7.2f}")
+    for name in phases:
+        if name != "default":
+            ratio = statistics.median(walls[name]) / statistics.median(walls["default"])
+            print(f"  {name + ' / default (wall)':<34} {ratio:7.2f}")
+    print(f"  {'default / noop (wall)':<34} "
+          f"{statistics.median(walls['default']) / statistics.median(walls['noop']):7.2f}")
 
 
 if __name__ == "__main__":

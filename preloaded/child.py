@@ -20,7 +20,7 @@ import types
 
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
-from preloaded import wire
+from preloaded import fastexit, wire
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
@@ -39,6 +39,9 @@ class Setup:
         self.encoding = encoding
         self.errors = errors
         self.server_pid = os.getpid()  # built in the server: the parent every child must have
+        # PY_PRELOAD_FASTEXIT=0 (server's environment): children tear their memory down
+        # themselves, before their exit is reported (see fastexit.py).
+        self.fast_exit = os.environ.get("PY_PRELOAD_FASTEXIT", "").strip() != "0"
 
 
 def park(channel: int, server_fds: list, setup: Setup) -> None:
@@ -52,12 +55,14 @@ def park(channel: int, server_fds: list, setup: Setup) -> None:
     environment, cwd, umask, argv, RNG seeds) is applied after the hand-over, never at fork.
     """
     status = 1
+    handed_over = False
     try:
         _die_with_server()
         _reset_process(server_fds)
         if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
             os._exit(1)
         request, fds = _receive(channel, setup)
+        handed_over = True
         status = _serve(request, fds, setup)
     except KeyboardInterrupt:  # a SIGINT before the command started: ends by SIGINT, as python
         status = SIGINT_EXIT
@@ -69,6 +74,8 @@ def park(channel: int, server_fds: list, setup: Setup) -> None:
         except BaseException:
             pass
     finally:
+        if handed_over and setup.fast_exit:
+            fastexit.release_memory_later()
         if status == SIGINT_EXIT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)

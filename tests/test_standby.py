@@ -211,3 +211,32 @@ def test_discard_standby_kills_reaps_and_refills(tmp_path):
     proc = subprocess.run([PYTHON, "-c", DISCARD, REPO, str(tmp_path / "python-x.bin")],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path)  # fmt: skip
     assert json.loads(proc.stdout) == [True, True, True, 0.0], proc.stderr
+
+
+def test_fast_exit_helpers_are_reaped(bundle):
+    """Guards against the fast exit's helpers (tasks that keep a finished run's memory alive so
+    that its exit is reported before the teardown) piling up as zombies or strays of the
+    server, and against a run's status or output being lost when its fds close before exit."""
+    server = status(bundle)["pid"]
+    for i in range(20):
+        proc = run(bundle, "-c", f"import sys; print('x' * {i}); sys.exit({i})")
+        assert (proc.returncode, proc.stdout, proc.stderr) == (i, "x" * i + "\n", "")
+
+    def only_the_standby() -> bool:
+        standby = status(bundle)["standby"]
+        return [c.pid for c in psutil.Process(server).children()] == [standby]
+
+    wait_until(only_the_standby, 10, "the server's only child to be the parked standby")
+
+
+def test_fast_exit_off(tmp_path):
+    """Guards against PY_PRELOAD_FASTEXIT=0 (runs tear their memory down themselves) breaking
+    runs: the switch that rules the helper out if a system refuses it."""
+    path = make_bundle(tmp_path / "python-noexit.bin", "json")
+    env = {**os.environ, "PY_PRELOAD_FASTEXIT": "0"}
+    try:
+        for i in range(3):
+            proc = run(path, "-c", f"print({i}); raise SystemExit({i})", env=env)
+            assert (proc.returncode, proc.stdout, proc.stderr) == (i, f"{i}\n", "")
+    finally:
+        stop(path)
