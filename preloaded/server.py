@@ -147,7 +147,8 @@ class Server:
         self.child_setup = None
         self.standby: Standby | None = None
         self.standby_enabled = _standby_enabled(config)
-        self.standby_failed = False  # the last fork of a standby failed: fork on demand only
+        # The last standby could not be forked, or died parked: fork one only when a run comes.
+        self.standby_failed = False
         self.last_hand_over = 0.0
 
     # -- start-up -------------------------------------------------------------------------
@@ -495,6 +496,7 @@ class Server:
                 log(f"standby {pid} died while parked ({_describe(status)})")
                 self.standby.channel.close()
                 self.standby = None
+                self.standby_failed = True  # no fork storm if standbys keep dying: on demand
                 continue
             conn = self.children.pop(pid, None)
             if conn is None:

@@ -134,6 +134,8 @@ def test_standby_killed_while_parked(bundle, signum):
     after = status(bundle)
     assert after["runs"] == st["runs"] + 1 and after["children"] == []
     assert after["pid"] == st["pid"]
+    assert parked(bundle) not in (standby, pid)  # standbys are forked ahead again
+    assert f"standby {standby} died while parked (signal {int(signum)})" in log_text(bundle)
 
 
 def test_stale_server_does_not_use_its_standby(module_dir):
