@@ -49,7 +49,7 @@ def test_run_is_served_by_the_parked_standby(bundle):
         standby = parked(bundle)
         assert psutil.Process(standby).ppid() == server
         assert pid_and_parent(run(bundle, "-c", SHOW)) == (standby, server)
-        wait_until(lambda: status(bundle)["standby"] not in (None, standby), 10,
+        wait_until(lambda old=standby: status(bundle)["standby"] not in (None, old), 10,
                    "the next standby")  # fmt: skip
     st = status(bundle)
     assert st["runs"] == 4 and st["children"] == []
