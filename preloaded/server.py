@@ -3,6 +3,10 @@
 Signal handlers only write to a wakeup pipe; all work happens in the loop. Every child is tied
 to its connection: the exit status comes from ``waitpid`` and goes back over that connection,
 and a connection that closes early takes its child down with it.
+
+Forking is kept off a run's path: one child (the standby) is forked ahead and parked in a read
+on a socketpair; a run is handed to it (request and stdio fds) and the next standby is forked
+when the loop is idle again. ``PY_PRELOAD_STANDBY=0`` forks a child per run at its request.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from preloaded.staleness import Stamps
 
 ALREADY_RUNNING = 3
 FIRST_FRAME_TIMEOUT = 10.0  # a client that connects and never sends is dropped after this
-# A run just handed over may be a short one: fork its successor once it ended or after this.
-REFILL_AFTER = 0.05  # measured: forking at once, during a short run, delayed its exit and won nothing
+# A run just handed over may be a short one: fork its successor once it ended or after this
+# (measured: forking at once, during a short run, delayed that run's exit and won nothing).
+REFILL_AFTER = 0.05
 HAND_OVER_TIMEOUT = 5.0  # a parked standby reads its request at once; this is only a safety net
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
 LOCK_WAIT = 5.0  # a new server waits this long for a retiring one (lost socket) to let go
