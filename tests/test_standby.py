@@ -242,3 +242,49 @@ def test_fast_exit_off(tmp_path):
             assert (proc.returncode, proc.stdout, proc.stderr) == (i, f"{i}\n", "")
     finally:
         stop(path)
+
+
+HAND_OVER = textwrap.dedent("""\
+    import json, os, socket, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from preloaded import child, wire
+    marker, go = sys.argv[2], sys.argv[3] == "go"
+    ours, theirs = socket.socketpair()
+    setup = child.Setup(list(sys.path), "utf-8", "strict")
+    setup.fast_exit = False
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        child.park(theirs.fileno(), [], setup)
+    theirs.close()
+    request = {"v": 1, "mode": "code", "target": f"open({marker!r}, 'w').close()", "argv": ["-c"],
+               "orig_argv": [sys.executable], "cwd": "/", "env": {}, "umask": 0o22,
+               "stdio": ["pipe", "pipe", "pipe"], "ignored": [],
+               "flags": {"u": False, "B": False, "i": False, "q": False, "W": []}}
+    null = os.open(os.devnull, os.O_RDWR)
+    wire.send(ours, request, [null, null, null])
+    time.sleep(0.5)  # handed over, no "go" yet: the command must not have run
+    print(json.dumps(os.path.exists(marker)), flush=True)
+    if go:
+        ours.close()  # the "go"
+        print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
+    else:
+        os._exit(0)  # the server dies before the "go": the run must never start
+""")
+
+
+@pytest.mark.parametrize("go", [True, False])
+def test_nothing_runs_before_the_go(tmp_path, go):
+    """Guards against a standby that starts the command as soon as it is handed the request,
+    before the server told the client "started": a client that then loses the server runs the
+    command cold, a second time."""
+    marker = tmp_path / "ran"
+    proc = subprocess.run([PYTHON, "-c", HAND_OVER, REPO, str(marker), "go" if go else "die"],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
+    lines = [json.loads(line) for line in proc.stdout.split()]
+    assert lines[0] is False, proc.stderr
+    if go:
+        assert lines[1:] == [0] and marker.exists(), proc.stderr
+    else:
+        time.sleep(0.5)  # the orphaned standby had time to run it, if it were going to
+        assert not marker.exists()
