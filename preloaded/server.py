@@ -25,9 +25,12 @@ from preloaded.staleness import Stamps
 
 ALREADY_RUNNING = 3
 FIRST_FRAME_TIMEOUT = 10.0  # a client that connects and never sends is dropped after this
-# A run just handed over may be a short one: fork its successor once it ended or after this
-# (measured: forking at once, during a short run, delayed that run's exit and won nothing).
+# When to fork the next standby (measured on 2 cores, torch server): not during a run just
+# handed over, which may be short (forking at once delayed its exit and won nothing), unless it
+# lasts over REFILL_AFTER; and REFILL_AFTER_EXIT after a run's end, so that its client exits
+# first (1-1.6 ms saved per run; 5 ms made back-to-back runs wait for the fork).
 REFILL_AFTER = 0.05
+REFILL_AFTER_EXIT = 0.002
 HAND_OVER_TIMEOUT = 5.0  # a parked standby reads its request at once; this is only a safety net
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
 LOCK_WAIT = 5.0  # a new server waits this long for a retiring one (lost socket) to let go
@@ -155,6 +158,7 @@ class Server:
         # The last standby could not be forked, or died parked: fork one only when a run comes.
         self.standby_failed = False
         self.last_hand_over = 0.0
+        self.last_exit = 0.0
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -451,15 +455,16 @@ class Server:
     def _refill_in(self, now: float | None = None) -> float | None:
         """Seconds until the next standby should be forked (0: now); None if none is wanted.
 
-        Not while a run just handed over is still going (for REFILL_AFTER at most): on a small
-        machine the fork competes with that run, and a short run's exit would wait for it."""
+        On a small machine the fork competes with the runs and clients around it: not while a
+        run just handed over is still going (for REFILL_AFTER at most), and REFILL_AFTER_EXIT
+        after the last run ended."""
         if self.standby is not None or not self.standby_enabled or self.stopping:
             return None
         if self.standby_failed:
             return None
-        if not self.children:
-            return 0.0
         now = time.monotonic() if now is None else now
+        if not self.children:
+            return max(0.0, self.last_exit + REFILL_AFTER_EXIT - now)
         return max(0.0, self.last_hand_over + REFILL_AFTER - now)
 
     def discard_standby(self) -> None:
@@ -507,6 +512,7 @@ class Server:
             if conn is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
+            self.last_exit = time.monotonic()
             if not conn.closed:
                 self._reply(conn, {"signal": -code} if code < 0 else {"exit": code})
                 self._close(conn)
