@@ -329,7 +329,7 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except (OSError, wire.ProtocolError) as exc:
-            self._reject(conn, str(exc))
+            self._conn_failed(conn, str(exc))
             return
         if not data:
             self._client_gone(conn)
@@ -341,7 +341,17 @@ class Server:
                 if conn.closed:
                     return
         except wire.ProtocolError as exc:
-            self._reject(conn, str(exc))
+            self._conn_failed(conn, str(exc))
+
+    def _conn_failed(self, conn: Conn, message: str) -> None:
+        """A broken connection: a request not yet run is refused; a running child's client is
+        gone. (A client killed before it read "started" resets the connection: ECONNRESET, not
+        EOF. Only refusing it left its child running, out of every client's reach.)"""
+        if conn.pid is None:
+            self._reject(conn, message)
+            return
+        log(f"connection of run {conn.pid} failed ({message}): ending the run")
+        self._client_gone(conn)
 
     def _handle_frame(self, conn: Conn, frame) -> None:
         if conn.pid is not None:  # a running child: only signals may follow

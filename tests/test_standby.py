@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import textwrap
 import time
@@ -16,8 +18,8 @@ import time
 import psutil
 import pytest
 from conftest import PYTHON, REPO, cli, make_bundle
-from test_server import (RUN_TIMEOUT, bundle_from, gone, log_text, run, served_by, status, stop,
-                         wait_until)  # fmt: skip
+from test_server import (GOOD, RUN_TIMEOUT, bundle_from, frame, gone, log_text, run, served_by,
+                         status, stop, wait_until)  # fmt: skip
 
 SHOW = "import os, sys; print(os.getpid(), os.getppid()); sys.exit(7)"
 
@@ -288,3 +290,28 @@ def test_nothing_runs_before_the_go(tmp_path, go):
     else:
         time.sleep(0.5)  # the orphaned standby had time to run it, if it were going to
         assert not marker.exists()
+
+
+def test_client_reset_before_reading_started_ends_the_run(bundle):
+    """Guards against a run left running when its client dies before reading "started" (the
+    standby starts runs so fast that this happens under load): the server reads ECONNRESET, not
+    EOF, and must end the run as for a client gone, not only refuse the connection."""
+    request = {**GOOD, "target": "import os, time; print(os.getpid(), flush=True); time.sleep(60)"}
+    out_r, out_w = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(status(bundle)["socket"])
+        fds = struct.pack("3i", null, out_w, null)
+        sock.sendmsg([frame(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        os.close(out_w)
+        with os.fdopen(out_r, closefd=False) as out:
+            pid = int(out.readline())
+        time.sleep(0.2)  # "started" sits unread in our receive queue
+        sock.close()  # a reset for the server
+        wait_until(lambda: gone(pid), 10, "the run of the reset client to end")
+        assert os.read(out_r, 1) == b""  # and nothing else holds its output open
+    finally:
+        sock.close()
+        os.close(null)
+        os.close(out_r)
