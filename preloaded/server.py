@@ -401,14 +401,13 @@ class Server:
 
     def _fork(self, conn: Conn, request: dict) -> None:
         """Hand ``request`` to the parked standby (forking one now if none is parked)."""
-        fds, conn.fds = conn.fds, []
-        try:
-            standby = self._hand_over(request, fds)
+        try:  # the fds stay in conn.fds meanwhile: a standby forked now must not keep them
+            standby = self._hand_over(request, conn.fds)
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
-            self._reject(conn, f"cannot fork: {exc.strerror}")
+            self._reject(conn, f"cannot fork: {exc.strerror}")  # closes conn.fds
             return
-        finally:
-            wire.close_all(fds)  # the standby holds its own copies now
+        wire.close_all(conn.fds)  # the standby holds its own copies now
+        conn.fds = []
         self.runs += 1
         conn.pid = standby.pid
         self.children[standby.pid] = conn
@@ -499,6 +498,8 @@ class Server:
         if self.listener is not None:
             fds.append(self.listener.fileno())
         fds.extend(self.conns)
+        for conn in self.conns.values():  # a client's stdio, received and not yet handed over
+            fds.extend(conn.fds)
         fds.extend(self.lock_fds)
         if self.standby is not None:
             fds.append(self.standby.channel.fileno())
