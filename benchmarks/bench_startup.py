@@ -4,7 +4,10 @@ Measured in one run, alternating the commands so that machine noise hits all of 
 medians of N runs each. Uses its own bundle, runtime and cache directories (in a temporary
 directory) and stops its server at the end. Usage:
 
-    .venv/bin/python benchmarks/bench_startup.py [-n N]
+    .venv/bin/python benchmarks/bench_startup.py [-n N] [--standby]
+
+``--standby`` adds a warm run served by a server without a standby child (a copy of the bundle
+whose server was started with PY_PRELOAD_STANDBY=0), to show what the standby gains.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def py_preload(env: dict, *args: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # fmt: skip
 
 
-def measure(n: int, tmp: str) -> dict:
+def measure(n: int, tmp: str, standby: bool) -> dict:
     env = {**os.environ, "XDG_RUNTIME_DIR": os.path.join(tmp, "run"),
            "XDG_CACHE_HOME": os.path.join(tmp, "cache")}  # fmt: skip
     env.pop("PY_PRELOAD_COLD", None)
@@ -56,23 +59,35 @@ def measure(n: int, tmp: str) -> dict:
         "cold": [PYTHON, script],
         "warm": [bundle, script],
     }
+    envs = {name: env for name in commands}
+    if standby:
+        plain = os.path.join(tmp, "python-tt-nostandby.bin")
+        py_preload(env, "bundle", *MODULES, "-o", plain)
+        commands["warm-nostandby"] = [plain, script]
+        envs["warm-nostandby"] = {**env, "PY_PRELOAD_STANDBY": "0"}  # reaches its server
     try:
-        timed(commands["warm"], env)  # the first run starts the server
-        timed(commands["warm"], env)
+        for name in commands:
+            if name.startswith("warm"):
+                timed(commands[name], envs[name])  # the first run starts the server
+                timed(commands[name], envs[name])
         times: dict = {name: [] for name in commands}
         for _ in range(n):
             for name, argv in commands.items():
-                times[name].append(timed(argv, env))
+                times[name].append(timed(argv, envs[name]))
     finally:
-        py_preload(env, "stop", bundle)
+        py_preload(env, "stop", "--all")
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def report(med: dict, n: int) -> bool:
     print(f"medians of {n} runs each, alternating ({os.cpu_count()} CPUs)")
     for name, label in (("noop", "python -S -E -c pass"), ("cold", "cold: python script.py"),
-                        ("warm", "warm: starter script.py")):  # fmt: skip
-        print(f"  {label:<26} {med[name] * 1000:8.1f} ms")
+                        ("warm", "warm: starter script.py"),
+                        ("warm-nostandby", "warm, no standby child")):  # fmt: skip
+        if name in med:
+            print(f"  {label:<26} {med[name] * 1000:8.1f} ms")
+    if "warm-nostandby" in med:
+        print(f"  {'no standby/standby':<26} {med['warm-nostandby'] / med['warm']:8.2f}")
     checks = [
         ("cold/warm", med["cold"] / med["warm"], ">=", COLD_OVER_WARM),
         ("warm/noop", med["warm"] / med["noop"], "<=", WARM_OVER_NOOP),
@@ -88,10 +103,12 @@ def report(med: dict, n: int) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=15, help="runs of each command (default 15)")
-    n = parser.parse_args().n
+    parser.add_argument("--standby", action="store_true",
+                        help="also time warm runs of a server without a standby child")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="py-preload-bench-") as tmp:
-        med = measure(n, tmp)
-    return 0 if report(med, n) else 1
+        med = measure(args.n, tmp, args.standby)
+    return 0 if report(med, args.n) else 1
 
 
 if __name__ == "__main__":

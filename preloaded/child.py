@@ -1,7 +1,9 @@
 """Everything between fork and the end of a run: become ``python ARGS`` for the caller.
 
-``run`` never returns: whatever happens, the child ends with ``os._exit`` so that it neither
-falls back into the server's loop nor pays the interpreter's teardown.
+A child is forked ahead of its run and parked (a standby, see ``park``); the server hands it a
+run over a socketpair. ``park`` never returns: whatever happens, the child ends with
+``os._exit`` so that it neither falls back into the server's loop nor pays the interpreter's
+teardown.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import importlib
 import io
 import os
 import signal
+import socket
 import sys
 import types
 
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
-from preloaded import learn
+from preloaded import fastexit, learn, wire
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
@@ -41,26 +44,36 @@ class Setup:
         self.known: frozenset = frozenset()
         self.roots: tuple = ()
         self.learn_prefix: str | None = None
+        # PY_PRELOAD_FASTEXIT=0 (server's environment): children tear their memory down
+        # themselves, before their exit is reported (see fastexit.py).
+        self.fast_exit = os.environ.get("PY_PRELOAD_FASTEXIT", "").strip() != "0"
 
 
-def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -1,
-        sigmask=None) -> None:  # fmt: skip
-    """Run ``request`` in this freshly forked process; never returns.
+def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
+    """Be a standby: set up what no request decides, then block until the server hands over a
+    run on ``channel``; never returns.
 
-    ``go_fd``: a pipe the server closes once the client knows the run started; nothing of the
-    command runs before that. ``sigmask``: the signal mask to restore once the server's
-    handlers are gone (the server blocks its handled signals across fork).
+    Parked, the process sits in ``recvmsg`` (no CPU). The hand-over is one frame (the request,
+    with the caller's stdio fds by SCM_RIGHTS), then EOF once the client was told "started":
+    nothing of the command runs before that EOF, as a client that loses the server before it
+    runs the command cold. Everything the request decides (signals it ignores, stdio, the
+    environment, cwd, umask, argv, RNG seeds) is applied after the hand-over, never at fork.
+    ``sigmask``: the signal mask to restore once the server's handlers are gone (the server
+    blocks its handled signals across fork).
     """
     status = 1
+    handed_over = False
     try:
         _die_with_server()
-        _reset_process(server_fds, request["ignored"], sigmask)
-        _wait_for_go(go_fd, setup.server_pid)
-        _install_stdio(request, fds, setup)
-        _apply_environment(request, setup)
-        status = _execute(request)
-        status = _finalize(status)
-        learn.report(setup, request["cwd"])
+        _reset_process(server_fds, sigmask)
+        if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
+            os._exit(1)
+        _prepare()
+        request, fds = _receive(channel, setup)
+        handed_over = True
+        status = _serve(request, fds, setup)
+    except KeyboardInterrupt:  # a SIGINT before the command started: ends by SIGINT, as python
+        status = SIGINT_EXIT
     except BaseException:  # a py-preload bug: say so on the caller's stderr
         try:
             import traceback
@@ -69,11 +82,66 @@ def run(request: dict, fds: list, server_fds: list, setup: Setup, go_fd: int = -
         except BaseException:
             pass
     finally:
+        if handed_over and setup.fast_exit:
+            fastexit.release_memory_later()
         if status == SIGINT_EXIT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
             status = 128 + signal.SIGINT
         os._exit(status & 0xFF)
+
+
+def _prepare() -> None:
+    """What every run needs and no request decides, done while parked (off the run's path).
+
+    Only marks, no state a run could see: the import system's directory caches are invalidated
+    here (1.1 ms in a torch child, a page copied per finder), and refilled lazily at the first
+    import, which comes after the hand-over: a run still sees the files as they are then.
+    """
+    importlib.invalidate_caches()
+
+
+def _serve(request: dict, fds: list, setup: Setup) -> int:
+    """The run itself, once handed over: stdio, environment, the command, python's ending."""
+    _install_stdio(request, fds, setup)
+    _apply_environment(request, setup)
+    status = _finalize(_execute(request))
+    learn.report(setup, request["cwd"])
+    return status
+
+
+def _receive(channel: int, setup: Setup) -> tuple:
+    """Block until the server hands over a run: (request, fds). Returns after the "go" (EOF).
+
+    EOF before a whole request means the server discarded this standby (or died): exit quietly.
+    """
+    reader = wire.FrameReader()
+    fds: list = []
+    request = None
+    while request is None:
+        data, ancdata, flags, _ = _recvmsg(channel)
+        fds.extend(wire.unpack_fds(ancdata, flags))
+        if not data:
+            os._exit(0)
+        reader.feed(data)
+        for request in reader.frames():
+            break
+    for signum in request["ignored"]:  # inherited "ignore" survives exec, and python leaves it so
+        signal.signal(signum, signal.SIG_IGN)
+    while _recvmsg(channel)[0]:  # wait for the "go": EOF once the client was told "started"
+        pass
+    os.close(channel)
+    if os.getppid() != setup.server_pid:  # EOF because the server died: its client goes cold
+        os._exit(1)
+    return request, fds
+
+
+def _recvmsg(channel: int) -> tuple:
+    sock = socket.socket(fileno=channel)
+    try:
+        return sock.recvmsg(1 << 16, wire.anc_space())
+    finally:
+        sock.detach()
 
 
 def _die_with_server() -> None:
@@ -86,18 +154,7 @@ def _die_with_server() -> None:
         _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
-def _wait_for_go(go_fd: int, server_pid: int) -> None:
-    """Run nothing of the command until the client knows it started (else a client that lost
-    the server would run it cold a second time); then make sure the server is still our parent
-    (it could have died between fork and prctl, before PR_SET_PDEATHSIG was armed)."""
-    if go_fd >= 0:
-        os.read(go_fd, 1)  # EOF: the server sent "started" (or died)
-        os.close(go_fd)
-    if os.getppid() != server_pid:
-        os._exit(1)
-
-
-def _reset_process(server_fds: list, ignored: list, sigmask=None) -> None:
+def _reset_process(server_fds: list, sigmask=None) -> None:
     """Undo what the server set up: its fds, its signal handling, its session."""
     signal.set_wakeup_fd(-1)
     for fd in server_fds:
@@ -108,12 +165,9 @@ def _reset_process(server_fds: list, ignored: list, sigmask=None) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
-    for signum in ignored:  # inherited "ignore" survives exec, and python leaves it so
-        signal.signal(signum, signal.SIG_IGN)
     if sigmask is not None:  # a signal sent since the fork acts now, as on a process starting
         signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()  # own session and process group: signals can reach the whole job
 
 
@@ -182,7 +236,6 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     sys.argv = list(request["argv"])
     sys.orig_argv = list(request["orig_argv"])
     sys.path[:] = [_path0(request)] + _dedupe(_pythonpath(env) + setup.base_path)
-    importlib.invalidate_caches()
     flags = request["flags"]
     sys.dont_write_bytecode = flags["B"] or bool(env.get("PYTHONDONTWRITEBYTECODE"))
     warnoptions = [w for w in env.get("PYTHONWARNINGS", "").split(",") if w] + flags["W"]
@@ -236,7 +289,12 @@ def _dedupe(paths: list) -> list:
 
 
 def _reseed() -> None:
-    """The fork copied the server's RNG states; give each run its own, as a new process has."""
+    """The fork copied the server's RNG states; give each run its own, as a new process has.
+
+    At the hand-over, not at fork: a standby forked ahead must not carry a seed of its own."""
+    py_random = sys.modules.get("random")
+    if py_random is not None:  # it reseeds itself at fork; at fork is not enough here
+        py_random.seed()
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         np_random.seed()

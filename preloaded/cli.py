@@ -301,6 +301,7 @@ def _format_status(st: dict) -> str:
         f"pid:       {st['pid']}   uptime {st['uptime']:.0f} s   runs served {st['runs']}",
         "modules:   " + ", ".join(f"{m} ({t:.2f} s)" for m, t in st["import_times"].items()),
         f"children:  {len(st['children'])} running",
+        "standby:   " + (f"pid {st['standby']} parked" if st.get("standby") else "none parked"),
         f"memory:    RSS {mb(server.get('rss'))}, PSS {mb(server.get('pss'))}",
         f"stale:     {st['stale'] or 'no'}",
     ]

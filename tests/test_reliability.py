@@ -82,8 +82,28 @@ def server_fds_and_rss(pid: int) -> tuple:
 
 
 def live_children(pid: int) -> list:
-    """The server's children, zombies included (an unreaped child is a bug too)."""
-    return [(c.pid, c.status()) for c in psutil.Process(pid).children()]
+    """The server's children, zombies included (an unreaped child is a bug too), except its
+    parked standby (a child forked ahead for the next run)."""
+    standby = standby_of(pid)
+    return [(c.pid, c.status()) for c in psutil.Process(pid).children() if c.pid != standby]
+
+
+def standby_of(pid: int):
+    """The pid of server ``pid``'s parked standby (from its status), or None."""
+    directory = os.path.join(os.environ["XDG_RUNTIME_DIR"], "py-preload")
+    for name in os.listdir(directory):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if info.get("pid") == pid:
+                with connect(info["socket"]) as sock:
+                    sock.sendall(frame({"v": 1, "cmd": "status"}))
+                    reply = read_all(sock)
+                return json.loads(reply[4:])["standby"]
+    return None
 
 
 def wait_learned(bundle: str) -> None:

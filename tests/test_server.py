@@ -54,13 +54,14 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def server_processes(bundle: str) -> list:
-    """Live server processes of ``bundle``, found by their command line."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    """Live server processes of ``bundle``, found by their command line (their children, the
+    parked standby among them, have the same one: they are left out)."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = proc.info["cmdline"] or []
         if any("preloaded.server" in a for a in cmdline) and any(bundle in a for a in cmdline):
-            found.append(proc.pid)
-    return found
+            found[proc.pid] = proc.info["ppid"]
+    return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
 
 def gone(pid: int) -> bool:
