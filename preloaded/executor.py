@@ -105,7 +105,7 @@ class Executor(concurrent.futures.Executor):
             future: concurrent.futures.Future = concurrent.futures.Future()
             future.set_exception(exc)
             return future
-        _flush_stdio()  # what the caller printed first comes first on a shared stdout
+        worker.flush_stdio()  # what the caller printed first comes first on a shared stdout
         env, cwd = dict(os.environ), os.getcwd()
         return self._pool.submit(self._run_call, payload, env, cwd)  # raises after shutdown
 
@@ -314,12 +314,3 @@ def _devnull() -> int:
     high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     os.close(fd)
     return high
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass

@@ -50,7 +50,7 @@ def main() -> None:
         outcome = _run(_read_frame(channel))
     except BaseException as exc:  # a call that cannot even be unpickled
         outcome = _failure(exc, skip=0)
-    _flush_stdio()  # the task's output is out before the caller can see its result
+    flush_stdio()  # the task's output is out before the caller can see its result
     try:
         _write_frame(channel, _dumps(outcome))
     finally:
@@ -126,7 +126,8 @@ def _stdin_to_devnull() -> None:
     os.close(null)
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
+    """Flush sys.stdout and sys.stderr, whatever state they are in (the executor uses it too)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
