@@ -82,6 +82,9 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
         except BaseException:
             pass
     finally:
+        # A Ctrl-C forwarded as the run ends must not raise in here (it would escape park and
+        # end the child with the server's fallback status 70).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if handed_over and setup.fast_exit:
             fastexit.release_memory_later()
         if status == SIGINT_EXIT:

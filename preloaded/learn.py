@@ -24,6 +24,10 @@ import time
 REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
 THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
 SERVER_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP")
+# Never learned: importing readline changes input() on a terminal for every later run, and the
+# interactive prompt (preloaded.repl) imports it in every REPL run.
+NEVER = frozenset({"readline", "rlcompleter"})
+REFUSED_ENV = "PY_PRELOAD_REFUSED"  # names refused by the image that restarted this server
 
 
 # -- the child's side (runs at the end of every run; keep it cheap) ------------------------------
@@ -170,7 +174,6 @@ class Learner:
         self.pending: list = []  # names that reached ``after``, in the order runs imported them
         self.learned: dict = {}  # name -> import cost in ms (the names the server imports)
         self.refused: dict = {}  # name -> why
-        self.imported_any = False
 
     # -- the saved set ---------------------------------------------------------------------
 
@@ -180,9 +183,16 @@ class Learner:
                 data = json.load(f)
             learned, refused = dict(data.get("learned", {})), dict(data.get("refused", {}))
         except (OSError, ValueError, TypeError, AttributeError):
-            return
-        self.learned = {str(k): float(v) for k, v in learned.items() if _valid_name(str(k))}
-        self.refused = {str(k): str(v) for k, v in refused.items()}
+            pass
+        else:
+            self.learned = {str(k): float(v) for k, v in learned.items() if _valid_name(str(k))}
+            self.refused = {str(k): str(v) for k, v in refused.items()}
+        self._refused_by_predecessor()
+
+    def _refused_by_predecessor(self) -> None:
+        for name in filter(None, os.environ.pop(REFUSED_ENV, "").split(",")):
+            self.refused.setdefault(name, "refused before this server restarted")
+            self.learned.pop(name, None)
 
     def save(self) -> None:
         data = {"learned": self.learned, "refused": self.refused}
@@ -269,7 +279,7 @@ class Learner:
             self._count(name)
 
     def _count(self, name: str) -> None:
-        if name in sys.modules or name in self.refused or name in self.pending:
+        if name in sys.modules or name in self.refused or name in self.pending or name in NEVER:
             return
         if not _valid_name(name):
             return
@@ -298,7 +308,6 @@ class Learner:
                 self._refuse(name, str(exc))
                 return "unsafe"
             self.learned[name] = round(cost * 1000, 1)
-            self.imported_any = True
             self.log(f"learn: imported {name} in {cost * 1000:.1f} ms")
             self.save()
             return "learned"

@@ -194,9 +194,6 @@ class Server:
         sys.path[0:0] = self.config.get("path", [])
         baseline = preload.thread_count()
         self.import_times, suspects = preload.import_modules(self.modules, log)
-        from preloaded import worker
-
-        worker.warm_up()  # preloaded.Executor's tasks would each import it again (~5 ms)
         self._preload_learned()
         warm = self.config.get("warmup")
         if warm:
@@ -234,6 +231,9 @@ class Server:
             from preloaded.spawn import server_argv
 
             log("restarting without it")
+            # Told by the environment too: if the refusal could not be saved (a read-only cache),
+            # the fresh image would import it again, and restart again, forever.
+            os.environ[learn.REFUSED_ENV] = ",".join(self.learner.refused)
             argv = server_argv(self.config, self.config["bundle"])  # sys.orig_argv is 3.10+
             os.execv(argv[0], argv)
 
@@ -272,7 +272,7 @@ class Server:
             "log": self.paths.log, "idle_timeout": self.idle_timeout,
             "learned": list(self.learner.learned) if self.learner else [],
         }  # fmt: skip
-        tmp = self.paths.info + ".tmp"
+        tmp = f"{self.paths.info}.{os.getpid()}.tmp"  # a retiring predecessor may write too
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(info, f)
             self.info_ino = os.fstat(f.fileno()).st_ino
@@ -499,8 +499,10 @@ class Server:
         conn.pid = standby.pid
         self.children[standby.pid] = conn
         self.last_hand_over = time.monotonic()
-        self._reply(conn, {"started": standby.pid})
-        standby.channel.close()  # EOF is the "go": the client knows the run started
+        if self._reply(conn, {"started": standby.pid}):
+            standby.channel.close()  # EOF is the "go": the client knows the run started
+        else:  # a client that never heard "started" may run the command cold: this one must not
+            self._discard(standby)
 
     def _hand_over(self, request: dict, fds: list) -> Standby:
         """Send the request and the caller's fds to a standby; return it. A standby that died
@@ -593,8 +595,6 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
-        if self.standby is not None:
-            fds.append(self.standby.channel.fileno())
         return fds
 
     def _reap(self) -> None:
@@ -611,11 +611,11 @@ class Server:
                 self.standby = None
                 self.standby_failed = True  # no fork storm if standbys keep dying: on demand
                 continue
+            conn = self.children.pop(pid, None)
+            if conn is None:  # a fast-exit helper, or a discarded standby
+                continue
             if self.learner is not None:  # every reaped run, whatever its connection became
                 self.learner.collect(pid)
-            conn = self.children.pop(pid, None)
-            if conn is None:
-                continue
             code = os.waitstatus_to_exitcode(status)
             self.last_exit = time.monotonic()
             if not conn.closed:
@@ -635,13 +635,15 @@ class Server:
         self._reply(conn, {"error": message})
         self._close(conn)
 
-    def _reply(self, conn: Conn, obj) -> None:
+    def _reply(self, conn: Conn, obj) -> bool:
+        """Send ``obj``; False if the client could not be told (gone, or not reading)."""
         try:
             conn.sock.setblocking(True)
             conn.sock.settimeout(1.0)  # a tiny frame; a client that never reads loses it
             wire.send(conn.sock, obj)
+            return True
         except OSError:
-            pass
+            return False
         finally:
             try:
                 conn.sock.setblocking(False)

@@ -34,14 +34,6 @@ class RemoteError(Exception):
     """Stands in for a task's exception that could not be pickled (its type and message)."""
 
 
-def warm_up() -> None:
-    """Called by the server after its preloads: import cloudpickle there, not in every task."""
-    try:
-        import cloudpickle  # noqa: F401
-    except ImportError:
-        pass  # the caller's sys.path may still provide it to each task
-
-
 def main() -> None:
     """Run the call waiting on fd 0; the child then ends like any run (threads, atexit)."""
     channel = os.dup(0)

@@ -325,11 +325,6 @@ def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd):
     old = tmp_path / "old"
     shutil.copytree(os.path.join(REPO, "preloaded"), old / "preloaded",
                     ignore=shutil.ignore_patterns("worker.py", "__pycache__"))  # fmt: skip
-    server = old / "preloaded" / "server.py"  # as it was before the executor: no warm-up
-    text = server.read_text()
-    warm = "        from preloaded import worker\n\n        worker.warm_up()"
-    assert warm in text
-    server.write_text(text.replace(warm, ""))
     # This checkout's editable install maps every preloaded.* name to it, worker.py included:
     # the old copy must stand alone, as an old installed py-preload would.
     with open(old / "preloaded" / "__init__.py", "a") as init:

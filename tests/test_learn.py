@@ -129,6 +129,19 @@ def test_stdlib_module_learned_after_two_runs(light):
     assert "colorsys" in saved(light)["learned"]
 
 
+def test_readline_is_never_learned(light):
+    """Guards against the REPL (which imports readline in every interactive run) teaching the
+    server readline: loaded in every child, it makes input() on a terminal go through GNU
+    readline (line editing, bracketed-paste escapes), which plain python does not do."""
+    for _ in range(3):
+        ok(run(light, "-c", "import readline, rlcompleter, colorsys"))
+    wait_until(lambda: "colorsys" in learned(light), "colorsys (the control) to be learned")
+    learn = status(light)["learn"]
+    for name in ("readline", "rlcompleter"):
+        assert name not in learn["learned"] and name not in learn["counts"]
+        assert not in_server(light, name)
+
+
 def test_learn_after_is_configurable(tmp_path):
     """Guards --learn-after: a module is not imported before N runs needed it."""
     path = bundle(tmp_path / "python-after3.bin", "--learn-after", "3")
