@@ -322,3 +322,22 @@ def test_forget_without_a_server(tmp_path):
     assert proc.returncode == 0 and "no server was running" in proc.stderr
     bad = cli("forget", str(tmp_path / "nope.bin"), check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+
+
+def test_refusal_reaches_the_restarted_server_without_the_saved_file(tmp_path, monkeypatch):
+    """Guards against a restart loop: a learned module found unsafe at start is refused and the
+    server re-executes itself; if the refusal could not be saved (read-only cache, full disk),
+    the new image must still know it from its environment, or it imports it again, forever."""
+    from types import SimpleNamespace
+
+    from preloaded import learn
+
+    saved = tmp_path / "learned.json"
+    saved.write_text(json.dumps({"learned": {"laterbad": 1.0, "colorsys": 0.5}, "refused": {}}))
+    paths = SimpleNamespace(learned=str(saved), report_prefix=str(tmp_path / "r."))
+    monkeypatch.setenv(learn.REFUSED_ENV, "laterbad")
+    learner = learn.Learner(paths, 2, True, lambda message: None)
+    learner.load()
+    assert "laterbad" in learner.refused and "laterbad" not in learner.learned
+    assert "colorsys" in learner.learned
+    assert learn.REFUSED_ENV not in os.environ  # not passed on to runs
