@@ -499,10 +499,12 @@ class Server:
         conn.pid = standby.pid
         self.children[standby.pid] = conn
         self.last_hand_over = time.monotonic()
-        if self._reply(conn, {"started": standby.pid}):
-            standby.channel.close()  # EOF is the "go": the client knows the run started
-        else:  # a client that never heard "started" may run the command cold: this one must not
-            self._discard(standby)
+        if not self._reply(conn, {"started": standby.pid}):
+            # A client that never heard "started" may run the command cold: this one must not
+            # run it. Killed before the go (the SIGKILL is pending before the EOF is sent), and
+            # reaped by _reap like any run.
+            _kill(standby.pid, signal.SIGKILL, group=False)
+        standby.channel.close()  # EOF is the "go": the client knows the run started
 
     def _hand_over(self, request: dict, fds: list) -> Standby:
         """Send the request and the caller's fds to a standby; return it. A standby that died

@@ -315,3 +315,26 @@ def test_client_reset_before_reading_started_ends_the_run(bundle):
         sock.close()
         os.close(null)
         os.close(out_r)
+
+
+def test_run_whose_client_cannot_be_told_started_never_runs(bundle, tmp_path):
+    """Guards against starting a run whose client could not be sent "started" (it shut its
+    reading side, or died): such a client may run the command cold, so the run must not run it
+    too. The server kills the standby before the go; the next run is served as usual."""
+    marker = tmp_path / "ran"
+    request = {**GOOD, "target": f"open({str(marker)!r}, 'w').close()"}
+    null = os.open(os.devnull, os.O_RDWR)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(status(bundle)["socket"])
+        sock.shutdown(socket.SHUT_RD)  # the server's replies now fail (EPIPE); we stay connected
+        fds = struct.pack("3i", null, null, null)
+        sock.sendmsg([frame(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        wait_until(lambda: status(bundle)["runs"] >= 2 and not status(bundle)["children"], 10,
+                   "the run to be handed over and ended")  # fmt: skip
+        time.sleep(0.3)
+        assert not marker.exists()
+    finally:
+        sock.close()
+        os.close(null)
+    assert run(bundle, "-c", "print('next')").stdout == "next\n"
