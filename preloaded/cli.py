@@ -129,8 +129,10 @@ def main() -> None:
 @click.option("--learn-after", type=click.IntRange(min=1), default=2, show_default=True,
               help="Preload a library module once this many runs imported it.")
 @click.option("--no-learn", is_flag=True, help="Learn no modules from the runs.")
+@click.option("--standby", type=click.IntRange(min=0, max=64), default=1, show_default=True,
+              help="Children kept forked ahead (0: fork per run; more for bursts of runs).")
 def bundle(modules, output, python, idle_timeout, packages, requirement_files, script, warmup,
-           learn_after, no_learn) -> None:  # fmt: skip
+           learn_after, no_learn, standby) -> None:  # fmt: skip
     """Write a starter FILE that runs like python with MODULES preloaded.
 
     Requirements the interpreter lacks are installed with uv by the first run (or ahead of
@@ -140,7 +142,7 @@ def bundle(modules, output, python, idle_timeout, packages, requirement_files, s
     if not modules and not script:
         raise click.UsageError("name the MODULES to preload, or pass --script FILE")
     config = plan_bundle(modules, python, idle_timeout, packages, requirement_files, script)
-    config.update(learn=not no_learn, learn_after=learn_after)
+    config.update(learn=not no_learn, learn_after=learn_after, standby=standby)
     if warmup:
         config["warmup"] = _warmup_path(warmup)
     write_starter(output, config)
@@ -293,6 +295,14 @@ def _memory(status: dict) -> dict:
     return {"server": mem(status["pid"]), "children": {p: mem(p) for p in status["children"]}}
 
 
+def _format_standbys(pids: list) -> str:
+    if not pids:
+        return "none parked"
+    if len(pids) == 1:
+        return f"pid {pids[0]} parked"
+    return f"{len(pids)} parked (pids {', '.join(map(str, pids))})"
+
+
 def _format_status(st: dict) -> str:
     mb = lambda n: f"{n / 1e6:.0f} MB" if n is not None else "?"  # noqa: E731
     server = st["memory"]["server"] or {}
@@ -301,7 +311,7 @@ def _format_status(st: dict) -> str:
         f"pid:       {st['pid']}   uptime {st['uptime']:.0f} s   runs served {st['runs']}",
         "modules:   " + ", ".join(f"{m} ({t:.2f} s)" for m, t in st["import_times"].items()),
         f"children:  {len(st['children'])} running",
-        "standby:   " + (f"pid {st['standby']} parked" if st.get("standby") else "none parked"),
+        "standby:   " + _format_standbys(st.get("standbys") or []),
         f"memory:    RSS {mb(server.get('rss'))}, PSS {mb(server.get('pss'))}",
         f"stale:     {st['stale'] or 'no'}",
     ]

@@ -31,6 +31,7 @@ FIRST_FRAME_TIMEOUT = 10.0  # a client that connects and never sends is dropped 
 # first (1-1.6 ms saved per run; 5 ms made back-to-back runs wait for the fork).
 REFILL_AFTER = 0.05
 REFILL_AFTER_EXIT = 0.002
+MAX_STANDBYS = 64
 HAND_OVER_TIMEOUT = 5.0  # a parked standby reads its request at once; this is only a safety net
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
 LOCK_WAIT = 5.0  # a new server waits this long for a retiring one (lost socket) to let go
@@ -160,8 +161,8 @@ class Server:
         self.child_setup = None
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
-        self.standby: Standby | None = None
-        self.standby_enabled = _standby_enabled(config)
+        self.standbys: list = []  # parked, oldest first
+        self.pool_size = _standby_count(config)
         # The last standby could not be forked, or died parked: fork one only when a run comes.
         self.standby_failed = False
         self.last_hand_over = 0.0
@@ -477,7 +478,8 @@ class Server:
             "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
             "modules": self.modules, "import_times": self.import_times,
             "runs": self.runs, "children": sorted(self.children),
-            "standby": self.standby.pid if self.standby else None,
+            "standby": self.standbys[0].pid if self.standbys else None,
+            "standbys": [standby.pid for standby in self.standbys],
             "stale": self.stamps.changed() if self.stamps else None,
             "warnings": self.warnings + LOG_PROBLEMS,
             "bundle": self.config["bundle"], "python": sys.executable,
@@ -510,7 +512,7 @@ class Server:
         """Send the request and the caller's fds to a standby; return it. A standby that died
         while parked (its end of the channel is closed) is discarded and a fresh one tried."""
         for _attempt in range(3):
-            standby, self.standby = self.standby or self._spawn_standby(), None
+            standby = self.standbys.pop(0) if self.standbys else self._spawn_standby()
             try:
                 standby.channel.settimeout(HAND_OVER_TIMEOUT)  # it reads at once: it is parked
                 wire.send(standby.channel, request, fds)
@@ -549,10 +551,10 @@ class Server:
     def _refill_standby(self) -> None:
         """Fork the next standby now, if one is wanted: the loop is idle, so that forking delays
         no run (the run just handed over, nor a run arriving)."""
-        if self.standby is not None or not self.standby_enabled or self.stopping:
+        if len(self.standbys) >= self.pool_size or self.stopping:
             return
         try:
-            self.standby = self._spawn_standby()
+            self.standbys.append(self._spawn_standby())
         except OSError as exc:  # the next run forks on demand (and is refused if that fails)
             log(f"cannot fork a standby: {exc.strerror}")
             self.standby_failed = True
@@ -563,7 +565,7 @@ class Server:
         On a small machine the fork competes with the runs and clients around it: not while a
         run just handed over is still going (for REFILL_AFTER at most), and REFILL_AFTER_EXIT
         after the last run ended. Not while learning either: each learned import discards it."""
-        if self.standby is not None or not self.standby_enabled or self.stopping:
+        if len(self.standbys) >= self.pool_size or self.stopping:
             return None
         if self.standby_failed or self._can_learn():
             return None
@@ -576,8 +578,8 @@ class Server:
         """Kill and reap the parked standby, if any: the server's state changed (more imports,
         for instance), and the next run must get a child forked after that change. The next one
         is forked at the loop's next idle moment (or on demand by the next run)."""
-        standby, self.standby = self.standby, None
-        if standby is not None:
+        standbys, self.standbys = self.standbys, []
+        for standby in standbys:
             self._discard(standby)
         self.standby_failed = False
 
@@ -597,6 +599,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(standby.channel.fileno() for standby in self.standbys)  # its siblings' channels
         return fds
 
     def _reap(self) -> None:
@@ -607,10 +610,11 @@ class Server:
                 return
             if pid == 0:
                 return
-            if self.standby is not None and pid == self.standby.pid:
+            parked = [standby for standby in self.standbys if standby.pid == pid]
+            if parked:
                 log(f"standby {pid} died while parked ({_describe(status)})")
-                self.standby.channel.close()
-                self.standby = None
+                parked[0].channel.close()
+                self.standbys.remove(parked[0])
                 self.standby_failed = True  # no fork storm if standbys keep dying: on demand
                 continue
             conn = self.children.pop(pid, None)
@@ -715,12 +719,15 @@ class _FdLock:
         os.close(self.fd)
 
 
-def _standby_enabled(config: dict) -> bool:
-    """A standby child unless PY_PRELOAD_STANDBY=0 (the server's environment) or the bundle's
-    config says ``"standby": false``."""
-    if os.environ.get("PY_PRELOAD_STANDBY", "").strip() in ("0", "false", "no", "off"):
-        return False
-    return bool(config.get("standby", True))
+def _standby_count(config: dict) -> int:
+    """How many standbys to keep parked: PY_PRELOAD_STANDBY=N in the server's environment (0:
+    fork per run), else the bundle's config ``"standby"`` (a count, or false), else 1."""
+    value = os.environ.get("PY_PRELOAD_STANDBY", "").strip().lower()
+    if value in ("false", "no", "off"):
+        return 0
+    if value.isdigit():
+        return min(int(value), MAX_STANDBYS)
+    return min(int(config.get("standby", 1)), MAX_STANDBYS)
 
 
 def _describe(status: int) -> str:

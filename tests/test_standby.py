@@ -193,7 +193,7 @@ DISCARD = textwrap.dedent("""\
     s = server.Server({"bundle": sys.argv[2], "modules": []})
     s.child_setup = child.Setup(list(sys.path), "utf-8", "strict")
     s._refill_standby()
-    first = s.standby.pid
+    first = s.standbys[0].pid
     s.discard_standby()
     try:
         os.waitpid(first, os.WNOHANG)
@@ -202,9 +202,9 @@ DISCARD = textwrap.dedent("""\
         reaped = True
     wanted = s._refill_in()
     s._refill_standby()
-    second = s.standby.pid
+    second = s.standbys[0].pid
     s.discard_standby()
-    print(json.dumps([first != second, reaped, s.standby is None, wanted]))
+    print(json.dumps([first != second, reaped, s.standbys == [], wanted]))
 """)
 
 
@@ -338,3 +338,25 @@ def test_run_whose_client_cannot_be_told_started_never_runs(bundle, tmp_path):
         sock.close()
         os.close(null)
     assert run(bundle, "-c", "print('next')").stdout == "next\n"
+
+
+def test_pool_of_standbys(tmp_path):
+    """Guards `bundle --standby N`: N children parked at once (a burst of runs finds them
+    forked ahead), each run served by one of them, and no parked standby holding a sibling's
+    channel (the server must not see EOF-less channels, a standby must not keep another's)."""
+    path = str(tmp_path / "python-pool.bin")
+    cli("bundle", "json", "--standby", "3", "--no-learn", "-o", path)  # learning discards them
+    try:
+        served_by(path)
+        pool = wait_until(lambda: len(status(path)["standbys"]) == 3 and status(path)["standbys"],
+                          10, "three parked standbys")  # fmt: skip
+        for pid in pool:
+            assert len(_fd_numbers(pid) - {0, 1, 2}) == 1  # its own channel only
+        procs = [subprocess.Popen([path, "-c", SHOW], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]  # fmt: skip
+        served = {int(p.communicate(timeout=RUN_TIMEOUT)[0].split()[0]) for p in procs}
+        assert served == set(pool)
+        assert "3 parked" in wait_until(lambda: "3 parked" in cli("status", path).stdout
+                                        and cli("status", path).stdout, 10, "the pool refilled")
+    finally:
+        stop(path)
