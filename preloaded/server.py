@@ -4,9 +4,10 @@ Signal handlers only write to a wakeup pipe; all work happens in the loop. Every
 to its connection: the exit status comes from ``waitpid`` and goes back over that connection,
 and a connection that closes early takes its child down with it.
 
-Forking is kept off a run's path: one child (the standby) is forked ahead and parked in a read
-on a socketpair; a run is handed to it (request and stdio fds) and the next standby is forked
-when the loop is idle again. ``PY_PRELOAD_STANDBY=0`` forks a child per run at its request.
+Forking is kept off a run's path: a child (the standby; ``bundle --standby N`` keeps N) is
+forked ahead and parked in a read on a socketpair; a run is handed to it (request and stdio fds)
+and the next standby is forked when the loop is idle again. With none (``--standby 0``,
+``PY_PRELOAD_STANDBY=0``) a child is forked per run at its request.
 """
 
 from __future__ import annotations
