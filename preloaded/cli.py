@@ -11,6 +11,7 @@ import click
 
 from preloaded import wire
 from preloaded.paths import Paths, UnsafeDirectory, runtime_dir
+from preloaded.server import MAX_STANDBYS
 
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,7 +130,8 @@ def main() -> None:
 @click.option("--learn-after", type=click.IntRange(min=1), default=2, show_default=True,
               help="Preload a library module once this many runs imported it.")
 @click.option("--no-learn", is_flag=True, help="Learn no modules from the runs.")
-@click.option("--standby", type=click.IntRange(min=0, max=64), default=1, show_default=True,
+@click.option("--standby", type=click.IntRange(min=0, max=MAX_STANDBYS), default=1,
+              show_default=True,
               help="Children kept forked ahead (0: fork per run; more for bursts of runs).")
 def bundle(modules, output, python, idle_timeout, packages, requirement_files, script, warmup,
            learn_after, no_learn, standby) -> None:  # fmt: skip

@@ -23,7 +23,6 @@ import time
 
 REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
 THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
-SERVER_SIGNALS = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP")
 # Never learned: importing readline changes input() on a terminal for every later run, and the
 # interactive prompt (preloaded.repl) imports it in every REPL run.
 NEVER = frozenset({"readline", "rlcompleter"})
@@ -35,11 +34,9 @@ REFUSED_ENV = "PY_PRELOAD_REFUSED"  # names refused by the image that restarted 
 
 def library_roots(base_path: list, overlay: str | None) -> tuple:
     """Directories (with a trailing separator) whose modules may be learned."""
-    import sysconfig
+    from preloaded.staleness import _is_site, stdlib_dirs
 
-    from preloaded.staleness import _is_site
-
-    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    roots = stdlib_dirs()
     roots.update(p for p in base_path if p and _is_site(p))
     if overlay:
         roots.add(overlay)
@@ -122,8 +119,9 @@ def safe_import(name: str) -> float:
     import warnings
 
     from preloaded.preload import cuda_initialised, thread_count
+    from preloaded.server import HANDLED
 
-    handlers = [signal.getsignal(getattr(signal, s)) for s in SERVER_SIGNALS]
+    handlers = [signal.getsignal(s) for s in HANDLED]
     threads = thread_count()
     out = io.StringIO()
     start = time.perf_counter()
@@ -145,7 +143,7 @@ def safe_import(name: str) -> float:
         raise Unsafe(f"importing {name} warned: {caught[0].category.__name__}: {caught[0].message}")
     if out.getvalue():
         raise Unsafe(f"importing {name} printed {out.getvalue()[:80]!r}")
-    if [signal.getsignal(getattr(signal, s)) for s in SERVER_SIGNALS] != handlers:
+    if [signal.getsignal(s) for s in HANDLED] != handlers:
         raise Unsafe(f"importing {name} changed signal handlers")
     return cost
 

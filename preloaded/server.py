@@ -551,9 +551,8 @@ class Server:
 
     def _refill_standby(self) -> None:
         """Fork the next standby now, if one is wanted: the loop is idle, so that forking delays
-        no run (the run just handed over, nor a run arriving)."""
-        if len(self.standbys) >= self.pool_size or self.stopping:
-            return
+        no run (the run just handed over, nor a run arriving). Whether one is wanted, and when,
+        is ``_refill_in``'s to say."""
         try:
             self.standbys.append(self._spawn_standby())
         except OSError as exc:  # the next run forks on demand (and is refused if that fails)

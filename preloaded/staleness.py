@@ -39,9 +39,8 @@ class Stamps:
         paths = {bundle, python, *files}
         dirs = [p for p in sys.path if p and os.path.isdir(p)]
         paths.update(d for d in dirs if d not in own or _is_site(d))
-        fixed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
         sites = [d for d in dirs if _is_site(d) or d in site]
-        roots = tuple(os.path.join(d, "") for d in list(fixed) + sites)
+        roots = tuple(os.path.join(d, "") for d in list(stdlib_dirs()) + sites)
         for module in list(sys.modules.values()):
             filename = getattr(module, "__file__", None)
             if filename and not filename.startswith(roots):
@@ -53,6 +52,11 @@ class Stamps:
             if _mtime(path) != stamp:
                 return f"{path} changed"
         return None
+
+
+def stdlib_dirs() -> set:
+    """The standard library's directories (pure and platform-specific)."""
+    return {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
 
 
 def _is_site(path: str) -> bool:

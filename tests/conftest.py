@@ -63,6 +63,14 @@ def bundle_dir():
     return _SESSION_DIR
 
 
+@pytest.fixture
+def module_dir(tmp_path):
+    """A directory of fake modules, importable by bundles made with ``test_server.bundle_from``."""
+    directory = tmp_path / "mods"
+    directory.mkdir()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def light_bundle(bundle_dir):
     """A starter preloading small stdlib modules: fast to start, for most tests."""

@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 
+import test_server
 from conftest import PYTHON, cli
 
 RUN_TIMEOUT = 60
@@ -38,13 +39,15 @@ def status(bundle: str) -> dict:
 
 
 def wait_until(predicate, what: str, timeout: float = LEARN_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return test_server.wait_until(predicate, timeout, what)
+
+
+def learn_colorsys(bundle: str) -> int:
+    """Two runs import colorsys; once the server learned it, return the server's pid."""
+    for _ in range(2):
+        ok(run(bundle, "-c", "import colorsys"))
+    wait_until(lambda: "colorsys" in learned(bundle), "colorsys to be learned")
+    return server_pid(bundle)
 
 
 def in_server(bundle: str, name: str) -> bool:
@@ -274,10 +277,7 @@ def test_learned_module_unsafe_at_start_restarts_the_server_without_it(tmp_path,
 
 def test_learned_set_survives_a_restart(light):
     """Guards the saved set: a restarted server is warm with the learned modules at once."""
-    for _ in range(2):
-        ok(run(light, "-c", "import colorsys"))
-    wait_until(lambda: "colorsys" in learned(light), "colorsys to be learned")
-    old = server_pid(light)
+    old = learn_colorsys(light)
     cli("stop", light)
     assert in_server(light, "colorsys")  # the first run of the new server
     assert server_pid(light) != old
@@ -303,10 +303,7 @@ def test_no_learn(tmp_path):
 
 def test_forget(light):
     """Guards `forget`: the learned set is cleared and the server restarts without it."""
-    for _ in range(2):
-        ok(run(light, "-c", "import colorsys"))
-    wait_until(lambda: "colorsys" in learned(light), "colorsys to be learned")
-    old = server_pid(light)
+    old = learn_colorsys(light)
     proc = cli("forget", light)
     assert "forgot" in proc.stderr
     wait_until(lambda: gone(old), "the old server to retire")

@@ -86,14 +86,6 @@ def fresh_bundle(tmp_path):
     stop(path)
 
 
-@pytest.fixture
-def module_dir(tmp_path):
-    """A directory of fake modules, importable by bundles made with ``bundle_from``."""
-    directory = tmp_path / "mods"
-    directory.mkdir()
-    return directory
-
-
 def bundle_from(directory, *modules, idle_timeout=600) -> str:
     """A bundle of modules that are importable only through PYTHONPATH at bundle time."""
     out = os.path.join(os.path.dirname(directory), f"python-{modules[0]}.bin")

@@ -163,13 +163,6 @@ def test_stale_server_does_not_use_its_standby(module_dir):
         stop(path)
 
 
-@pytest.fixture
-def module_dir(tmp_path):
-    directory = tmp_path / "mods"
-    directory.mkdir()
-    return directory
-
-
 def test_standby_off(tmp_path):
     """Guards against PY_PRELOAD_STANDBY=0 (in the server's environment) being ignored, and
     against runs failing without a standby."""
