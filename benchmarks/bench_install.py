@@ -21,7 +21,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from preloaded import install  # noqa: E402
+from preloaded.install import installer as install  # noqa: E402
 
 PYTHON = sys.executable
 REQUIREMENTS = ["torch==2.13.0", "transformers"]

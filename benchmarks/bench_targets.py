@@ -53,7 +53,7 @@ sys.stdin.read()
 WRITER = ("import sys\nblock = b'x' * (1 << 20)\nwrite = sys.stdout.buffer.write\n"
           "for _ in range({mb}):\n    write(block)\nsys.stdout.flush()\n")  # fmt: skip
 CLIENT_IMPORTS = (f"import sys; sys.path.append({REPO!r}); "
-                  "import preloaded.starter, preloaded.client")  # fmt: skip
+                  "import preloaded.client.starter, preloaded.client.run")  # fmt: skip
 
 
 def timed(argv: list) -> float:

@@ -7,7 +7,7 @@ _EXECUTOR_NAMES = ("Executor", "WorkerDied")
 
 def __getattr__(name: str):
     if name in _EXECUTOR_NAMES:
-        from preloaded import executor
+        from preloaded.pool import executor
 
         return getattr(executor, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

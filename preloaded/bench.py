@@ -49,7 +49,7 @@ class Progress:
 
 def load_bundle(file: str) -> dict:
     """The config of the starter ``file``; BenchError (exit status 2) if it is not one."""
-    from preloaded import install
+    from preloaded.install import installer as install
 
     if not os.path.exists(file):
         raise BenchError(f"no such file: {file}", 2)
@@ -63,7 +63,7 @@ def load_bundle(file: str) -> dict:
 
 def commands(file: str, config: dict, args: list) -> dict:
     """argv and environment of the cold and the warm run of python ``args``."""
-    from preloaded.starter import with_overlay
+    from preloaded.client.starter import with_overlay
 
     env = dict(os.environ)
     env.pop("PY_PRELOAD_COLD", None)  # would make the warm runs cold

@@ -11,7 +11,7 @@ import click
 
 from preloaded import wire
 from preloaded.paths import Paths, UnsafeDirectory, runtime_dir
-from preloaded.server import MAX_STANDBYS
+from preloaded.server.standby import MAX_STANDBYS
 
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ STARTER = """\
 # Written by `py-preload bundle`; run it as you would run python.
 import sys
 sys.path.append({pkg_root!r})
-from preloaded.starter import main
+from preloaded.client.starter import main
 main({config!r})
 """
 
@@ -31,7 +31,7 @@ main({config!r})
 CHECK = """\
 import importlib.util, json, os, sys
 sys.path.append(sys.argv[1])
-import preloaded.server
+import preloaded.server.loop
 cwd = os.getcwd()
 user = {cwd} | {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
 missing, extra = [], []
@@ -168,7 +168,7 @@ def _warmup_path(path: str) -> str:
 
 def plan_bundle(modules, python, idle_timeout, packages=(), requirement_files=(), script=None):
     """The starter's config: modules, interpreter, and the overlay of what must be installed."""
-    from preloaded import install
+    from preloaded.install import installer as install
 
     for name in modules:
         if not all(part.isidentifier() for part in name.split(".")):
@@ -201,7 +201,7 @@ def write_starter(output: str, config: dict) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def install(file) -> None:
     """Install what the starter FILE needs now (e.g. when building a container image)."""
-    from preloaded import install as installer
+    from preloaded.install import installer
 
     try:
         config = installer.starter_config(file)
@@ -231,7 +231,7 @@ def run(packages, requirement_files, python, script, args) -> None:
     The first run installs and warms; later runs with the same requirements are forks of the
     warm server.
     """
-    from preloaded import runcache
+    from preloaded.install import runcache
 
     try:
         bundle_file = runcache.bundle_for(packages, requirement_files, python, script)

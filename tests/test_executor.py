@@ -17,14 +17,14 @@ import pytest
 from conftest import PYTHON, REPO, cli, make_bundle
 
 import preloaded
-from preloaded.executor import (
+from preloaded.pool.executor import (
     BundleError,
     Executor,
     RemoteTraceback,
     ServerUnavailable,
     WorkerDied,
 )
-from preloaded.worker import RemoteError
+from preloaded.pool.worker import RemoteError
 
 # The functions below go to the children by value: importing this module there would import
 # conftest, which makes a temporary directory of its own in every child.
@@ -103,7 +103,7 @@ def test_remote_exception_carries_its_traceback(executor):
     assert isinstance(cause, RemoteTraceback)
     assert "_outer" in cause.tb and "_inner_failure" in cause.tb
     assert "ValueError: bad value 7" in cause.tb
-    assert "preloaded/worker.py" not in cause.tb  # our own frames are left out
+    assert "preloaded/pool/worker.py" not in cause.tb  # our own frames are left out
 
 
 class _Unpicklable(Exception):
@@ -283,7 +283,7 @@ def test_server_that_cannot_start_is_a_one_line_error(tmp_path):
 def test_import_preloaded_stays_cheap():
     """Guards against `import preloaded` (every warm run does it) loading the executor."""
     code = (
-        "import sys, preloaded; print(sorted(m for m in ('preloaded.executor', "
+        "import sys, preloaded; print(sorted(m for m in ('preloaded.pool.executor', "
         "'concurrent.futures', 'cloudpickle') if m in sys.modules))"
     )
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO,

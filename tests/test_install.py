@@ -23,8 +23,8 @@ import pytest
 from conftest import PYTHON, REPO, cli
 from wheels import write_failing_sdist, write_wheel
 
-from preloaded.install import starter_config
-from preloaded.overlay import MARKER
+from preloaded.install.installer import starter_config
+from preloaded.client.overlay import MARKER
 
 PKG = {"ovl_pkg/__init__.py": "from ovl_dep import VALUE\n\ndef answer():\n    return VALUE\n"}
 DEP = {"ovl_dep/__init__.py": "VALUE = 42\n"}
@@ -463,8 +463,9 @@ def test_starter_path_stays_stdlib(tmp_path, env, plain_python):
                           capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert proc.returncode == 0
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
-    assert "preloaded.client" in imported
-    assert not imported & {"preloaded.install", "filelock", "uv", "subprocess", "preloaded.spawn"}
+    assert "preloaded.client.run" in imported
+    assert not imported & {"preloaded.install", "preloaded.install.installer", "filelock", "uv",
+                           "subprocess", "preloaded.client.spawn"}
 
 
 def test_terminal_progress_and_ctrl_c(tmp_path, env, plain_python, index):
@@ -506,7 +507,7 @@ def test_requirement_parsing_units(tmp_path):
     imports are its top-level absolute ones (not relative, not inside functions, not
     __future__), and the PEP 723 block is read as TOML. Guards against overlays keyed by
     spelling and preloading imports a script only makes lazily."""
-    from preloaded import install
+    from preloaded.install import installer as install
 
     info = {"tag": ["cpython-311", "linux-x86_64", ""], "dists": {}, "env": {}}
     a = [install.parse_requirement(s, "-p") for s in ("Ovl_Pkg[B,a] >=1.0,<2", "x.y")]

@@ -327,7 +327,7 @@ def test_refusal_reaches_the_restarted_server_without_the_saved_file(tmp_path, m
     the new image must still know it from its environment, or it imports it again, forever."""
     from types import SimpleNamespace
 
-    from preloaded import learn
+    from preloaded.server import learn
 
     saved = tmp_path / "learned.json"
     saved.write_text(json.dumps({"learned": {"laterbad": 1.0, "colorsys": 0.5}, "refused": {}}))

@@ -563,7 +563,7 @@ def test_client_of_another_uid_is_refused():
 
 def test_peer_check_unit():
     """Guards the SO_PEERCRED check itself: our own uid passes, another uid does not."""
-    from preloaded.server import _peer_is_us
+    from preloaded.server.loop import _peer_is_us
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
@@ -673,7 +673,7 @@ def test_truncated_frames_holding_fds(target):
 def test_silent_client_is_dropped(target):
     """Guards against a client that connects and never sends holding a server fd forever (a
     few thousand of them would exhaust the server's descriptors)."""
-    from preloaded.server import FIRST_FRAME_TIMEOUT
+    from preloaded.server.request import FIRST_FRAME_TIMEOUT
 
     _bundle, sock_path, unharmed = target
     started = time.monotonic()

@@ -59,7 +59,7 @@ def server_processes(bundle: str) -> list:
     found = {}
     for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = proc.info["cmdline"] or []
-        if any("preloaded.server" in a for a in cmdline) and any(bundle in a for a in cmdline):
+        if any("preloaded.server.loop" in a for a in cmdline) and any(bundle in a for a in cmdline):
             found[proc.pid] = proc.info["ppid"]
     return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
@@ -213,7 +213,7 @@ def test_new_file_in_py_preloads_own_checkout_is_no_change(tmp_path, monkeypatch
     """Guards against every server going stale when a file appears in the directory that only
     serves to find py-preload itself (a source checkout's root, where editors and tools write
     files all the time), while a directory of the path that a child also sees still counts."""
-    from preloaded.staleness import Stamps
+    from preloaded.server.staleness import Stamps
 
     own, other = tmp_path / "checkout", tmp_path / "site"
     own.mkdir()

@@ -182,28 +182,29 @@ def test_standby_off(tmp_path):
 DISCARD = textwrap.dedent("""\
     import json, os, sys
     sys.path.insert(0, sys.argv[1])
-    from preloaded import child, server
+    from preloaded.server import child
+    from preloaded.server import loop as server
     s = server.Server({"bundle": sys.argv[2], "modules": []})
-    s.child_setup = child.Setup(list(sys.path), "utf-8", "strict")
-    s._refill_standby()
-    first = s.standbys[0].pid
-    s.discard_standby()
+    s.pool.setup = child.Setup(list(sys.path), "utf-8", "strict")
+    s.pool.refill()
+    first = s.pool.parked[0].pid
+    s.pool.discard_all()
     try:
         os.waitpid(first, os.WNOHANG)
         reaped = False
     except ChildProcessError:
         reaped = True
     wanted = s._refill_in()
-    s._refill_standby()
-    second = s.standbys[0].pid
-    s.discard_standby()
-    print(json.dumps([first != second, reaped, s.standbys == [], wanted]))
+    s.pool.refill()
+    second = s.pool.parked[0].pid
+    s.pool.discard_all()
+    print(json.dumps([first != second, reaped, s.pool.parked == [], wanted]))
 """)
 
 
 def test_discard_standby_kills_reaps_and_refills(tmp_path):
     """Guards against a standby forked before a change of the server's state (more modules
-    imported) serving the next run: discard_standby() kills and reaps it, and the next idle
+    imported) serving the next run: StandbyPool.discard_all() kills and reaps it, and the next idle
     moment forks a new one."""
     proc = subprocess.run([PYTHON, "-c", DISCARD, REPO, str(tmp_path / "python-x.bin")],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=tmp_path)  # fmt: skip
@@ -242,7 +243,8 @@ def test_fast_exit_off(tmp_path):
 HAND_OVER = textwrap.dedent("""\
     import json, os, socket, sys, time
     sys.path.insert(0, sys.argv[1])
-    from preloaded import child, wire
+    from preloaded.server import child
+    from preloaded import wire
     marker, go = sys.argv[2], sys.argv[3] == "go"
     ours, theirs = socket.socketpair()
     setup = child.Setup(list(sys.path), "utf-8", "strict")

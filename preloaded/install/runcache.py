@@ -16,7 +16,7 @@ from preloaded.paths import cache_dir
 
 def bundle_for(packages, requirement_files, python: str, script: str) -> str:
     """The cached bundle file for these inputs (not created here)."""
-    from preloaded.install import PEP723, script_imports, InstallError
+    from preloaded.install.installer import PEP723, script_imports, InstallError
 
     with open(script, encoding="utf-8", errors="replace") as f:
         source = f.read()

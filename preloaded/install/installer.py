@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from preloaded.overlay import MARKER
+from preloaded.client.overlay import MARKER
 from preloaded.paths import cache_dir
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 import types
 
-from preloaded.preload import ForkUnsafe, cuda_initialised
+from preloaded.server.preload import ForkUnsafe, cuda_initialised
 
 MODULE = "preloaded.warm"
 

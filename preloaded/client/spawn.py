@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from preloaded.client import Fallback, connect
+from preloaded.client.connection import Fallback, connect
 
 START_TIMEOUT = 600.0  # seconds; importing torch from a cold network file system can be slow
 FAILED_BACKOFF = 30.0  # after a failed start, run cold without retrying for this long
@@ -36,7 +36,7 @@ def server_argv(config: dict, bundle: str) -> list:
 
     boot = (
         "import sys; sys.path.append(sys.argv.pop(1)); "
-        "from preloaded.server import main; main()"
+        "from preloaded.server.loop import main; main()"
     )
     payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})
     return [config["python"], "-c", boot, config["pkg_root"], payload]
@@ -56,7 +56,7 @@ def start_and_connect(config: dict, bundle: str, paths):
             return sock
         _check_recent_failure(paths, config)
         if config.get("overlay"):
-            from preloaded import overlay
+            from preloaded.client import overlay
 
             overlay.ensure(config)  # first run: install what the bundle needs (exit 1 if not)
         return _start(config, bundle, paths)

@@ -14,7 +14,8 @@ import os
 import select
 import termios
 
-from preloaded import client
+from preloaded.client.connection import read_status, send_signal
+from preloaded.client.signals import suspend
 
 _WINSZ = b"\0" * 8
 CHUNK = 1 << 16
@@ -135,7 +136,7 @@ class PtyRelay:
             if writable and to_child:
                 to_child = self._write_child(to_child)
             if sock_fd in ready:
-                status = client.read_status(sock, reader)
+                status = read_status(sock, reader)
                 if status:
                     if master_open:
                         self._drain()
@@ -179,7 +180,7 @@ class PtyRelay:
         before, _, after = data.partition(char)
         if before:
             _write_all(self.master, before)
-        client.suspend(sock, self)
+        suspend(sock, self)
         return after
 
     def _write_child(self, data: bytes) -> bytes:
@@ -200,11 +201,11 @@ class PtyRelay:
             if signum == _signal.SIGWINCH:
                 self.copy_winsize()
             elif signum == _signal.SIGTSTP:
-                client.suspend(sock, self)
+                suspend(sock, self)
             elif signum == _signal.SIGCONT:
                 self.resume()
             else:
-                client.send_signal(sock, signum)
+                send_signal(sock, signum)
 
 
 def _write_all(fd: int, data: bytes) -> None:

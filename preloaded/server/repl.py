@@ -54,7 +54,7 @@ class _Console(code.InteractiveConsole):
         return line[:-1] if line.endswith("\n") else line
 
     def runcode(self, code) -> None:
-        from preloaded.child import flush_io
+        from preloaded.server.stdio import flush_io
 
         super().runcode(code)
         flush_io()  # as python's REPL does after each statement

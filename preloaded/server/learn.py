@@ -34,7 +34,7 @@ REFUSED_ENV = "PY_PRELOAD_REFUSED"  # names refused by the image that restarted 
 
 def library_roots(base_path: list, overlay: str | None) -> tuple:
     """Directories (with a trailing separator) whose modules may be learned."""
-    from preloaded.staleness import _is_site, stdlib_dirs
+    from preloaded.server.staleness import _is_site, stdlib_dirs
 
     roots = stdlib_dirs()
     roots.update(p for p in base_path if p and _is_site(p))
@@ -118,8 +118,7 @@ def safe_import(name: str) -> float:
     import signal
     import warnings
 
-    from preloaded.preload import cuda_initialised, thread_count
-    from preloaded.server import HANDLED
+    from preloaded.server.preload import HANDLED, cuda_initialised, thread_count
 
     handlers = [signal.getsignal(s) for s in HANDLED]
     threads = thread_count()
@@ -149,7 +148,7 @@ def safe_import(name: str) -> float:
 
 
 def _threads_left(before: int) -> bool:
-    from preloaded.preload import thread_count
+    from preloaded.server.preload import thread_count
 
     deadline = time.monotonic() + THREAD_GRACE
     while thread_count() > before:  # torch-style helper threads end on their own, soon

@@ -20,7 +20,7 @@ import sys
 # What the child runs (a -c run). A server whose py-preload predates the executor says so.
 BOOT = """\
 try:
-    from preloaded.worker import main
+    from preloaded.pool.worker import main
 except ImportError as exc:
     import preloaded, sys
     sys.exit(f"py-preload: this bundle's server cannot run executor tasks ({exc}): its "

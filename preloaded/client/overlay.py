@@ -12,7 +12,7 @@ MARKER = ".py-preload-complete"  # written last, inside the temporary directory,
 
 INSTALL_BOOT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from preloaded.install import main; main()"
+    "from preloaded.install.installer import main; main()"
 )
 
 

@@ -21,7 +21,9 @@ import sys
 
 import cloudpickle
 
-from preloaded import client, wire, worker
+from preloaded import wire
+from preloaded.client import connection, run
+from preloaded.pool import worker
 
 STALE_RETRIES = 3  # a retiring server answers "stale": the next connection starts a fresh one
 
@@ -136,22 +138,22 @@ class Executor(concurrent.futures.Executor):
 
     def _open_server(self):
         try:
-            return client.open_server(self._config, self._bundle)
-        except client.Fallback as exc:
+            return run.open_server(self._config, self._bundle)
+        except connection.Fallback as exc:
             raise ServerUnavailable(f"cannot start the server of {self._bundle}: "
                                     f"{exc.message or exc}") from None  # fmt: skip
 
     def _hand_over(self, sock, channel: socket.socket, env: dict, cwd: str):
         """Send the run request with the child's end of the channel as its stdin and our
         stdout and stderr; (pid, reader) once it started, None if the server is stale."""
-        kinds = client.stdio_kinds()[1:]
+        kinds = run.stdio_kinds()[1:]
         stdio = ["pipe"] + ["closed" if kind == "closed" else "pipe" for kind in kinds]
         request = self._request(env, cwd, stdio)
         out = [fd if kind != "closed" else _devnull() for fd, kind in zip((1, 2), kinds)]
         fds = [channel.detach()] + out
         try:  # it closes the fds above 2 it is given, whatever happens
-            reply, reader = client._hand_over(sock, fds, request)
-        except client.Fallback as exc:  # it closed the fds it was given
+            reply, reader = connection.hand_over(sock, fds, request)
+        except connection.Fallback as exc:  # it closed the fds it was given
             raise ServerUnavailable(f"the server of {self._bundle} did not take the task: "
                                     f"{exc.message}") from None  # fmt: skip
         if "started" in reply:
@@ -277,7 +279,7 @@ def _read_bundle(bundle: str) -> dict:
     if not os.path.isfile(bundle):
         raise BundleError(f"{bundle}: no such bundle file (write one with "
                           f"`py-preload bundle MODULES -o {bundle}`)")  # fmt: skip
-    from preloaded import install
+    from preloaded.install import installer as install
 
     try:
         config = install.starter_config(bundle)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import sys
 import time
+
+# The server's own handlers. They stay blocked across fork: a signal reaching a child before it
+# reset them would go through the server's wakeup pipe (shared after fork) and stop the server
+# (seen when a client hangs up right after its request: its child gets SIGHUP at once). A
+# learned import must leave them as they are.
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class ForkUnsafe(Exception):

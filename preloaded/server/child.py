@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import ctypes  # imported by the server, so that each child can arm PR_SET_PDEATHSIG at no cost
 import importlib
-import io
 import os
 import signal
 import socket
@@ -20,9 +19,10 @@ import types
 
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
-from preloaded import fastexit, learn, wire
+from preloaded import wire
+from preloaded.server import fastexit, learn, stdio
 
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 try:
@@ -106,7 +106,7 @@ def _prepare() -> None:
 
 def _serve(request: dict, fds: list, setup: Setup) -> int:
     """The run itself, once handed over: stdio, environment, the command, python's ending."""
-    _install_stdio(request, fds, setup)
+    stdio.install_stdio(request, fds, setup)
     _apply_environment(request, setup)
     status = _finalize(_execute(request))
     learn.report(setup, request["cwd"])
@@ -172,62 +172,6 @@ def _reset_process(server_fds: list, sigmask=None) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()  # own session and process group: signals can reach the whole job
-
-
-def _install_stdio(request: dict, fds: list, setup: Setup) -> None:
-    kinds = request["stdio"]
-    for target, (fd, kind) in enumerate(zip(fds, kinds)):
-        if kind == "pty" and target == kinds.index("pty"):
-            import fcntl
-            import termios
-
-            fcntl.ioctl(fd, termios.TIOCSCTTY, 0)  # the PTY becomes our controlling terminal
-        os.dup2(fd, target)
-    for fd in set(fds) - {0, 1, 2}:
-        os.close(fd)
-    for target, kind in enumerate(kinds):
-        if kind == "closed":
-            os.close(target)
-    env = request["env"]
-    encoding, errors = _stdio_encoding(env.get("PYTHONIOENCODING", ""), setup)
-    unbuffered = request["flags"]["u"] or bool(env.get("PYTHONUNBUFFERED"))
-    names = ("stdin", "stdout", "stderr")
-    for fd, name in enumerate(names):
-        stream = None
-        if kinds[fd] != "closed":
-            errs = "backslashreplace" if fd == 2 else errors
-            stream = _make_stdio(fd, name, encoding, errs, unbuffered)
-        setattr(sys, name, stream)
-        setattr(sys, "__%s__" % name, stream)
-
-
-def _stdio_encoding(ioencoding: str, setup: Setup) -> tuple:
-    """Python's config_init_stdio_encoding(): PYTHONIOENCODING=enc[:errors] over the defaults."""
-    encoding, errors = setup.encoding, setup.errors
-    enc, _, errs = ioencoding.partition(":")
-    if enc:
-        import codecs
-
-        # Python reports the codec's own name ("latin-1" -> "iso8859-1"), and an encoding named
-        # without an error handler means "strict". (An unknown codec makes the starter run cold.)
-        encoding = codecs.lookup(enc).name
-        errors = "strict"
-    return encoding, errs or errors
-
-
-def _make_stdio(fd: int, name: str, encoding: str, errors: str, unbuffered: bool):
-    """One standard stream, built the way CPython's create_stdio() builds it."""
-    write = fd != 0
-    buffering = 0 if (unbuffered and write) else -1
-    buf = io.open(fd, "wb" if write else "rb", buffering=buffering, closefd=False)
-    raw = buf if buffering == 0 else buf.raw
-    raw.name = f"<{name}>"
-    line_buffering = not unbuffered and (raw.isatty() or fd == 2)
-    stream = io.TextIOWrapper(
-        buf, encoding, errors, newline="\n", line_buffering=line_buffering, write_through=unbuffered
-    )
-    stream.mode = "w" if write else "r"
-    return stream
 
 
 def _apply_environment(request: dict, setup: Setup) -> None:
@@ -338,7 +282,7 @@ def _execute(request: dict) -> int:
 
 
 def _interact(main: types.ModuleType, quiet: bool, startup: bool) -> int:
-    from preloaded import repl
+    from preloaded.server import repl
 
     try:
         repl.interact(main, quiet=quiet, startup=startup)
@@ -363,7 +307,7 @@ def _run_main(main: types.ModuleType, request: dict, inspect: bool) -> int:
             try:
                 exec(compile(source, filename, "exec", dont_inherit=True), main.__dict__)
             finally:
-                flush_io()
+                stdio.flush_io()
         status = 0
     except SystemExit as exc:
         if inspect:  # python prints it like any other exception and goes on to the prompt
@@ -399,16 +343,6 @@ def _read_file(main: types.ModuleType, mode: str, target: str) -> tuple:
     main.__cached__ = None
     main.__loader__ = SourceFileLoader("__main__", path)
     return path, source
-
-
-def flush_io() -> None:
-    """Python's flush_io() after running a file (before any traceback): errors are ignored;
-    a stdout that cannot be flushed fails again, loudly, at exit."""
-    for stream in (sys.stderr, sys.stdout):
-        try:
-            stream.flush()
-        except Exception:
-            pass
 
 
 def _system_exit_status(exc: SystemExit) -> int:
@@ -453,7 +387,7 @@ def _strip_own_frames(exc: BaseException, seen: set) -> None:
 
 
 def _is_own(filename: str) -> bool:
-    return os.path.dirname(filename) == _PKG_DIR
+    return filename.startswith(os.path.join(_PKG_DIR, ""))
 
 
 def _finalize(status: int) -> int:
@@ -467,31 +401,8 @@ def _finalize(status: int) -> int:
     import atexit
 
     atexit._run_exitfuncs()
-    if not _flush_std_files():
+    if not stdio.flush_std_files():
         status = 120
     return status
 
 
-def _flush_std_files() -> bool:
-    ok = True
-    stdout, stderr = sys.stdout, sys.stderr
-    if stdout is not None and not getattr(stdout, "closed", True):
-        try:
-            stdout.flush()
-        except Exception as exc:
-            _write_unraisable(stdout, exc)
-            ok = False
-    if stderr is not None and not getattr(stderr, "closed", True):
-        try:
-            stderr.flush()
-        except Exception:
-            ok = False
-    return ok
-
-
-def _write_unraisable(obj, exc: BaseException) -> None:
-    try:
-        sys.stderr.write(f"Exception ignored in: {obj!r}\n{type(exc).__name__}: {exc}\n")
-        sys.stderr.flush()
-    except Exception:
-        pass

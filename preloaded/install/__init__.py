@@ -1,0 +1,1 @@
+"""Installs: requirements into uv overlays, and `py-preload run`'s per-script bundles."""

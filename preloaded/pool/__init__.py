@@ -1,0 +1,1 @@
+"""`preloaded.Executor`: concurrent.futures on warm children, and the child's half."""

@@ -1,0 +1,1 @@
+"""The server side: preload, the selector loop, the standby pool, and a child's life."""
