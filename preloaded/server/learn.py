@@ -188,7 +188,7 @@ class Learner:
         self.refused: dict = {}  # name -> why
         self.probe: probes.Probe | None = None  # the probe importing candidates, while one runs
         self.cleared: list = []  # names a probe imported cleanly: imported here, in this order
-        self.stopped = False  # the server stops: a probe still running is killed, no verdict
+        self.sel = None  # the loop's selector, watching the probe's pipe
 
     # -- the saved set ---------------------------------------------------------------------
 
@@ -316,16 +316,17 @@ class Learner:
         """Work for the server itself: a cleared module to import, or a probe to start."""
         return bool(self.cleared) or (bool(self.pending) and self.probe is None)
 
-    def step(self, server_fds=()) -> str | None:
+    def step(self, server_fds=(), sel=None) -> str | None:
         """Import the next cleared module, or start a probe for the pending ones.
 
         Returns None when nothing was done, "probing" when a probe was started (the caller
         watches ``probe.fd``), "learned" after a safe import, "failed" after a failed one
         (refused; the server keeps serving), "unsafe" when the server must retire (the module
-        is refused and saved as such). ``server_fds``: what a probe must close.
+        is refused and saved as such). ``server_fds``: what a probe must close; ``sel``: the
+        loop's selector, which watches the probe's pipe.
         """
         if not self.cleared and self.probe is None:
-            return self._start_probe(list(server_fds))
+            return self._start_probe(list(server_fds), sel)
         while self.cleared:
             name = self.cleared.pop(0)
             if name in sys.modules:
@@ -346,7 +347,7 @@ class Learner:
 
     # -- the probe -------------------------------------------------------------------------
 
-    def _start_probe(self, server_fds: list) -> str | None:
+    def _start_probe(self, server_fds: list, sel) -> str | None:
         names = [name for name in self.pending if name not in sys.modules]
         self.pending.clear()
         if not names:
@@ -356,25 +357,48 @@ class Learner:
         except OSError as exc:  # dropped: later runs count them again
             self.log(f"learn: cannot fork a probe ({exc.strerror}): not learning {len(names)}")
             return None
+        self.sel = sel
+        if sel is not None:
+            import selectors
+
+            sel.register(self.probe.fd, selectors.EVENT_READ, self._probe_readable)
         return "probing"
 
-    def read_probe(self) -> bool:
-        """The probe's pipe is readable: take its verdicts. True when the probe has ended; the
-        caller then stops watching its fd and calls ``end_probe``."""
+    def _probe_readable(self, _fileobj) -> None:
+        """The probe's pipe is readable: take its verdicts; close it once the probe ended."""
         verdicts, ended = self.probe.read()
         for kind, name, detail in verdicts:
             if kind == "ok":
                 self.cleared.append(name)
             else:
                 self._refuse(name, str(detail))
-        return ended
+        if ended:
+            self._end_probe(overdue=False)
 
-    def end_probe(self, overdue: bool = False) -> None:
+    def check_probe(self, now: float) -> None:
+        """Kill a probe past its deadline; the module it is stuck in is refused."""
+        if self.probe is not None and now >= self.probe.deadline:
+            self._end_probe(overdue=True)
+
+    def stop_probe(self) -> None:
+        """The server stops: a running probe is killed, and what it said no longer matters."""
+        if self.probe is not None:
+            self._end_probe(overdue=True, judge=False)
+
+    def deadlines(self) -> list:
+        return [self.probe.deadline] if self.probe is not None else []
+
+    def probe_fds(self) -> list:
+        return [self.probe.fd] if self.probe is not None else []
+
+    def _end_probe(self, overdue: bool, judge: bool = True) -> None:
         """Close the probe (killed when ``overdue``): the module it was stuck in is refused,
         the names it did not reach wait for the next probe."""
         probe, self.probe = self.probe, None
+        if self.sel is not None:
+            self.sel.unregister(probe.fd)
         probe.close(kill=overdue)
-        if self.stopped:
+        if not judge:
             return
         if probe.current is not None:
             why = f"did not finish in {probes.timeout():g} s" if overdue else "ended the probe"
@@ -384,8 +408,6 @@ class Learner:
             return
         self.pending[0:0] = [name for name in probe.unreached() if name not in self.refused]
 
-    def probe_deadline(self) -> float | None:
-        return self.probe.deadline if self.probe is not None else None
 
     def _refuse(self, name: str, reason: str) -> None:
         self.log(f"learn: refused {name}: {reason}")

@@ -144,24 +144,21 @@ class Server:
                 self.pool.refill()
 
     def _can_learn(self) -> bool:
-        """Learned modules are imported (and probes forked) between runs: never while a run
-        waits to be forked."""
+        """Learned modules are imported (probes forked) between runs, never while a run waits."""
         if self.stopping or self.learner is None or not self.learner.needs_turn():
             return False
         return all(conn.pid is not None for conn in self.conns.values())
 
     def _learn_step(self) -> None:
-        """Import one learned module (one per loop turn: a client that comes waits for one),
-        or fork the probe that checks the pending ones first."""
+        """Import one learned module, or fork the probe that checks them first (one per loop
+        turn: a client that comes waits for one)."""
         if not self._can_learn():
             return
-        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds())
-        if outcome == "probing":
-            self.sel.register(self.learner.probe.fd, selectors.EVENT_READ, self._handle_probe)
-        elif outcome == "unsafe":
+        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
+        if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
-        elif outcome is not None:  # learned, or failed after importing some of its dependencies
+        elif outcome in ("learned", "failed"):  # failed: after importing some dependencies?
             from preloaded.server import preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
@@ -170,22 +167,12 @@ class Server:
             if not self.learner.busy():
                 self.write_info()
 
-    def _handle_probe(self, _fileobj) -> None:
-        if self.learner.read_probe():
-            self._end_probe(overdue=False)
-
-    def _end_probe(self, overdue: bool) -> None:
-        self.sel.unregister(self.learner.probe.fd)
-        self.learner.end_probe(overdue)
-
     def _timeout(self) -> float:
         if self._can_learn():
             return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
         limits = [1.0]
-        probe_deadline = self.learner.probe_deadline() if self.learner else None
-        if probe_deadline is not None:
-            limits.append(probe_deadline - now)
+        limits += [deadline - now for deadline in self.learner.deadlines()]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)
         for conn in self.children.values():  # closed connections whose child awaits SIGKILL
@@ -207,9 +194,7 @@ class Server:
             if conn.kill_at is not None and now >= conn.kill_at:
                 kill(conn.pid, signal.SIGKILL, group=True)
                 conn.kill_at = None
-        deadline = self.learner.probe_deadline() if self.learner else None
-        if deadline is not None and now >= deadline:
-            self._end_probe(overdue=True)
+        self.learner.check_probe(now)
         if self.conns or self.children:
             self.last_active = now
         elif not self.stopping and now - self.last_active >= self.idle_timeout:
@@ -382,8 +367,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
-        if self.learner is not None and self.learner.probe is not None:
-            fds.append(self.learner.probe.fd)
+        fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
     def _reap(self) -> None:
@@ -441,9 +425,8 @@ class Server:
         """
         self.stopping = True
         self.pool.discard_all()
-        if self.learner is not None and self.learner.probe is not None:
-            self.learner.stopped = True  # it imports for a server that will learn no more
-            self._end_probe(overdue=True)
+        if self.learner is not None:
+            self.learner.stop_probe()
         if self.listener is not None:
             # Only our own files: after the runtime dir was removed under us, a successor's are
             # there (removing its info file would hide it from `list` and `stop --all`).
