@@ -42,7 +42,7 @@ def make_bundle(path, *modules, idle_timeout=600, client=None) -> str:
     return str(path)
 
 
-def native_only(path, *modules) -> str:
+def native_only(path, *modules, binary=None) -> str:
     """A native starter whose server runs, and which cannot fall back to Python.
 
     The fallback's PKG_ROOT (a field only the C client reads) points nowhere, so that a run the
@@ -54,6 +54,12 @@ def native_only(path, *modules) -> str:
     from preloaded.client import native
 
     make_bundle(path, *modules, idle_timeout=3600, client="native")
+    if binary:  # another build of the client (the sanitized one)
+        from preloaded.install import installer, nativebuild
+
+        data = nativebuild.starter_bytes(installer.starter_config(str(path)), binary)
+        with open(path, "wb") as f:
+            f.write(data)
     subprocess.run([str(path), "-c", "pass"], check=True, timeout=120, capture_output=True,
                    stdin=subprocess.DEVNULL)  # fmt: skip
     st = os.stat(path)
