@@ -62,6 +62,14 @@ def native_only(path, *modules, binary=None) -> str:
             f.write(data)
     subprocess.run([str(path), "-c", "pass"], check=True, timeout=120, capture_output=True,
                    stdin=subprocess.DEVNULL)  # fmt: skip
+    disable_fallback(path)
+    return str(path)
+
+
+def disable_fallback(path) -> None:
+    """Point the native starter's fallback PKG_ROOT nowhere, keeping the file's mtime."""
+    from preloaded.client import native
+
     st = os.stat(path)
     with open(path, "rb") as f:
         data = f.read()
@@ -73,7 +81,6 @@ def native_only(path, *modules, binary=None) -> str:
     with open(path, "wb") as f:
         f.write(binary + block + native.MAGIC + b"%08x" % len(block))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return str(path)
 
 
 def server_pids() -> list:

@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from conftest import PYTHON, cli, make_bundle, native_only
+from conftest import PYTHON, cli, disable_fallback, make_bundle, native_only
 from test_differential import CASES, _explain, native_takes, run_both
 
 from preloaded import wire
@@ -40,10 +40,10 @@ class FakeServer:
     """Listens on a bundle's socket like its server; records each request body and answers
     every connection with ``answer`` (raw bytes), then hangs up."""
 
-    def __init__(self, bundle: str, answer: bytes) -> None:
+    def __init__(self, bundle: str, answer: bytes, env=None) -> None:
         self.answer = answer
         self.requests: list = []
-        self.path = Paths(bundle).socket
+        self.path = socket_of(bundle, env) if env else Paths(bundle).socket
         if os.path.exists(self.path):
             os.unlink(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -83,6 +83,17 @@ class FakeServer:
         os.unlink(self.path)
 
 
+def socket_of(bundle: str, env) -> str:
+    """The bundle's socket as a client with ``env`` finds it (the locale is part of the key)."""
+    from conftest import REPO
+
+    code = "import sys; sys.path.append(sys.argv[1]); from preloaded.paths import Paths; " \
+           "print(Paths(sys.argv[2]).socket)"
+    proc = subprocess.run([PYTHON, "-SI", "-c", code, REPO, bundle], env=env,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return proc.stdout.strip()
+
+
 @pytest.fixture
 def starters(tmp_path, light_bundle):
     """A Python and a native starter of the light bundle's config, at one path each (both are
@@ -91,13 +102,12 @@ def starters(tmp_path, light_bundle):
 
     config = starter_config(light_bundle)
 
-    def write(kind: str, path=None, **changes) -> str:
+    def write(kind: str, path=None, strict=False, **changes) -> str:
         path = str(path or tmp_path / f"fake-{kind}.bin")
         conf = {**config, **changes}
-        if kind == "python":
-            cli_module.write_starter(path, conf, "python")
-        else:
-            cli_module.write_starter(path, conf, "native")
+        cli_module.write_starter(path, conf, kind)
+        if kind == "native" and strict:
+            disable_fallback(path)  # what the C client does not take itself fails
         return path
 
     return write
@@ -108,13 +118,14 @@ def run(exe, args, **kw):
     return subprocess.run([exe, *args], capture_output=True, timeout=TIMEOUT, **kw)
 
 
-def both(starters, answer: bytes, args: list, config=None, **kw) -> dict:
+def both(starters, answer: bytes, args: list, config=None, strict=True, **kw) -> dict:
     """Run ``args`` through each kind of starter against a FakeServer answering ``answer``;
-    {kind: (completed process, request bodies the server got)}."""
+    {kind: (completed process, request bodies the server got)}. With ``strict``, the native
+    starter cannot fall back to Python."""
     results = {}
     for kind in ("python", "native"):
-        bundle = starters(kind, **(config or {}))
-        server = FakeServer(bundle, answer)
+        bundle = starters(kind, strict=strict, **(config or {}))
+        server = FakeServer(bundle, answer, kw.get("env"))
         try:
             results[kind] = (run(bundle, args, **kw), server.requests)
         finally:
@@ -146,6 +157,12 @@ REQUESTS = {
     "env-empty-and-eq": (["-c", "pass"], {b"PY_NATIVE_EMPTY": b"", b"PY_NATIVE_EQ": b"a=b=c"}),
     "argv-not-utf8": (["-c", "pass", b"\xff\xfe"], {}),  # the C client leaves it to Python
     "pythonpath": (["-c", "pass"], {b"PYTHONPATH": b"/a::b"}),
+    # python coerces the C locale: LC_CTYPE=C.UTF-8 is appended to its environment (or set in
+    # place); with LC_ALL=C it runs in UTF-8 mode instead, with another locale encoding
+    "locale-coerced": (["-c", "pass"], {b"LANG": None, b"LC_ALL": None, b"LC_CTYPE": None}),
+    "locale-coerced-in-place": (["-c", "pass"], {b"LANG": None, b"LC_ALL": None,
+                                                 b"LC_CTYPE": b"POSIX", b"ZZ_AFTER": b"1"}),
+    "locale-lc-all-c": (["-c", "pass"], {b"LC_ALL": b"C"}),
 }
 
 
@@ -154,8 +171,10 @@ def test_request_is_the_python_clients(starters, tmp_path, name):
     """The server gets the same bytes from both clients (one wire protocol, one request)."""
     args, extra = REQUESTS[name]
     env = {**{k.encode(): v.encode() for k, v in ENV.items()}, **extra}
+    env = {k: v for k, v in env.items() if v is not None and not (
+        extra.get(b"LANG", b"") is None and k.startswith(b"LC_") and k not in extra)}
     results = both(starters, OK, args, env=env, cwd=tmp_path, umask=0o027,
-                   preexec_fn=_ignore_hup_and_tstp)  # fmt: skip
+                   preexec_fn=_ignore_hup_and_tstp, strict=name != "argv-not-utf8")  # fmt: skip
     (py, py_requests), (nat, nat_requests) = results["python"], results["native"]
     assert py.returncode == nat.returncode == 7, (py.stderr, nat.stderr)
     assert nat.stderr == py.stderr == b""
@@ -216,7 +235,7 @@ def test_refused_or_stale_goes_through_the_python_starter(starters, answer):
     """Refused: the Python client warns and runs cold; stale: it retries, then runs cold. The
     C client hands both to the Python starter, which asks the server again."""
     error = frame({"error": "nope" if answer == "refused" else "stale"})
-    results = both(starters, error, ["-c", "print('cold')"], env=ENV)
+    results = both(starters, error, ["-c", "print('cold')"], env=ENV, strict=False)
     (py, py_requests), (nat, nat_requests) = results["python"], results["native"]
     assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
     assert py.returncode == 0 and py.stdout == b"cold\n"

@@ -61,6 +61,7 @@ static struct {
     const char *python, *overlay, *pkg_root;
 } config;
 static char self_path[4096]; /* this starter, as /proc/self/exe names it */
+static const char *coerced_lc_ctype; /* LC_CTYPE as python's start-up sets it (PEP 538) */
 
 /* ---- falling back to the Python starter ---------------------------------------------- */
 
@@ -400,11 +401,13 @@ static void put_env_item(struct out *o, const char *entry, size_t keylen, const 
     put_str(o, value, 0);
 }
 
-/* dict(os.environ) after the starter set PYTHONPATH (NULL: unchanged): the first entry of
- * each name, in environ's order; a new PYTHONPATH goes last, as a new dict key does. */
-static void put_env(struct out *o, const char *pythonpath) {
+/* dict(os.environ) with python's start-up changes: LC_CTYPE coerced (setenv: in place, or
+ * appended), then PYTHONPATH set by the starter (a dict key: in place, or last); NULL values
+ * change nothing. The first entry of each name, in environ's order, as os.environ keeps it. */
+static void put_env(struct out *o, const char *lc_ctype, const char *pythonpath) {
+    const char *names[2] = {"LC_CTYPE", "PYTHONPATH"}, *values[2] = {lc_ctype, pythonpath};
+    int done[2] = {0, 0};
     size_t seen = 0;
-    int pp_done = 0;
     put(o, "{", 1);
     for (char **e = environ; *e; e++) {
         const char *eq = strchr(*e, '=');
@@ -422,14 +425,18 @@ static void put_env(struct out *o, const char *pythonpath) {
         }
         if (seen > 1)
             put(o, ",", 1);
-        int is_pp = keylen == 10 && strncmp(*e, "PYTHONPATH", 10) == 0;
-        put_env_item(o, *e, keylen, is_pp && pythonpath ? pythonpath : eq + 1);
-        pp_done |= is_pp;
+        const char *value = eq + 1;
+        for (int k = 0; k < 2; k++)
+            if (values[k] && keylen == strlen(names[k]) && strncmp(*e, names[k], keylen) == 0)
+                value = values[k], done[k] = 1;
+        put_env_item(o, *e, keylen, value);
     }
-    if (pythonpath && !pp_done) {
-        if (seen)
-            put(o, ",", 1);
-        put_env_item(o, "PYTHONPATH", 10, pythonpath);
+    for (int k = 0; k < 2; k++) {
+        if (values[k] && !done[k]) {
+            if (seen++)
+                put(o, ",", 1);
+            put_env_item(o, names[k], strlen(names[k]), values[k]);
+        }
     }
     put(o, "}", 1);
 }
@@ -460,7 +467,7 @@ static int build_request(struct out *o, struct command *cmd, int argc, char **ar
     puts_(o, ",\"cwd\":");
     put_str(o, cwd, 0);
     puts_(o, ",\"env\":");
-    put_env(o, pythonpath);
+    put_env(o, coerced_lc_ctype, pythonpath);
     puts_(o, ",\"umask\":");
     put_int(o, (long long)mask);
     puts_(o, ",\"flags\":{\"u\":");
@@ -491,6 +498,31 @@ static int build_request(struct out *o, struct command *cmd, int argc, char **ar
 
 /* ---- where the server listens (preloaded/paths.py) -------------------------------------- */
 
+/* The locale encoding python reports when its filesystem encoding is utf-8 (a UTF-8 locale,
+ * or the C locale: python's UTF-8 mode, after coercing LC_CTYPE to C.UTF-8 where it can);
+ * NULL for any other locale, which the Python client handles. */
+static const char *python_codeset(void) {
+    static const char *const targets[] = {"C.UTF-8", "C.utf8", "UTF-8"}; /* _TARGET_LOCALES */
+    const char *locale = setlocale(LC_CTYPE, "");
+    if (!locale)
+        return NULL;
+    if (strcmp(locale, "C") != 0 && strcmp(locale, "POSIX") != 0) {
+        const char *codeset = nl_langinfo(CODESET);
+        return strcmp(codeset, "UTF-8") == 0 ? codeset : NULL;
+    }
+    const char *lc_all = getenv("LC_ALL");
+    if (strcmp(locale, "C") == 0 && !(lc_all && *lc_all)) { /* _Py_CoerceLegacyLocale */
+        for (size_t k = 0; k < COUNT(targets); k++) {
+            if (setlocale(LC_CTYPE, targets[k]) && *nl_langinfo(CODESET)) {
+                coerced_lc_ctype = targets[k];
+                break;
+            }
+            setlocale(LC_CTYPE, "");
+        }
+    }
+    return nl_langinfo(CODESET);
+}
+
 /* The socket path of this bundle's server in `out`; -1 when the Python client must decide
  * (no private runtime directory yet, a path too long, a locale python would coerce). */
 static int socket_path(char *out, size_t size) {
@@ -511,12 +543,9 @@ static int socket_path(char *out, size_t size) {
         return -1; /* the Python client creates, repairs or refuses it */
 
     /* bundle_key: FNV-1a 64 of realpath NUL filesystem-encoding NUL locale-encoding. */
-    const char *locale = setlocale(LC_CTYPE, "");
-    if (!locale || strcmp(locale, "C") == 0 || strcmp(locale, "POSIX") == 0)
-        return -1; /* python coerces the C locale (and changes LC_CTYPE): leave it to it */
-    const char *codeset = nl_langinfo(CODESET);
-    if (strcmp(codeset, "UTF-8") != 0)
-        return -1; /* the filesystem encoding is utf-8 only with a UTF-8 locale */
+    const char *codeset = python_codeset();
+    if (!codeset)
+        return -1;
     uint64_t h = 0xCBF29CE484222325ull;
     const char *parts[3] = {self_path, "utf-8", codeset};
     for (int k = 0; k < 3; k++) {
