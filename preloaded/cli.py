@@ -337,8 +337,9 @@ def _format_learning(st: dict) -> list:
     lines.append(f"learned:   {len(learned)} module(s), {total:.0f} ms"
                  + (" (after %d runs)" % learn["after"]))  # fmt: skip
     lines += [f"  {name} ({ms:.1f} ms)" for name, ms in learned.items()]
-    if learn["pending"]:
-        lines.append(f"learning:  {len(learn['pending'])} pending")
+    pending = len(learn["pending"]) + len(learn.get("probing", ())) + len(learn.get("cleared", ()))
+    if pending:
+        lines.append(f"learning:  {pending} pending")
     lines += [f"refused:   {name}: {why}" for name, why in learn["refused"].items()]
     return lines
 
