@@ -337,8 +337,9 @@ def _format_learning(st: dict) -> list:
     lines.append(f"learned:   {len(learned)} module(s), {total:.0f} ms"
                  + (" (after %d runs)" % learn["after"]))  # fmt: skip
     lines += [f"  {name} ({ms:.1f} ms)" for name, ms in learned.items()]
-    if learn["pending"]:
-        lines.append(f"learning:  {len(learn['pending'])} pending")
+    pending = len(learn["pending"]) + len(learn.get("probing", ())) + len(learn.get("cleared", ()))
+    if pending:
+        lines.append(f"learning:  {pending} pending")
     lines += [f"refused:   {name}: {why}" for name, why in learn["refused"].items()]
     return lines
 
@@ -471,6 +472,70 @@ def logs(file, lines) -> None:
     except FileNotFoundError:
         raise click.ClickException(f"no log yet for {file} (expected at {path})")
     click.echo("".join(text), nl=False)
+
+
+@main.group()
+def kernel() -> None:
+    """Jupyter kernels that run warm: a kernelspec whose interpreter is a starter FILE."""
+
+
+@kernel.command(name="install")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", help="Kernel name (default: py-preload-<file name>).")
+@click.option("--display-name", help="Name shown by Jupyter (default: Python (warm: MODULES)).")
+@click.option("--user", "where", flag_value="user", default=True,
+              help="Install for this user (the default; JUPYTER_DATA_DIR is honoured).")
+@click.option("--sys-prefix", "where", flag_value="sys-prefix",
+              help="Install into the environment py-preload runs in.")
+@click.option("--prefix", type=click.Path(file_okay=False), help="Install under PREFIX.")
+def kernel_install(file, name, display_name, where, prefix) -> None:
+    """Install a kernelspec that starts the warm kernel `FILE -m ipykernel_launcher`."""
+    from preloaded import kernel as kernels
+    from preloaded.install import installer
+
+    try:
+        config = installer.starter_config(file)
+        if config.get("overlay"):  # the check below looks for ipykernel there
+            installer.ensure(config["overlay"], config["requirements"], config["python"])
+    except installer.InstallError as exc:
+        raise _Failure(str(exc).removeprefix("py-preload: "), 2)
+    if prefix is None and where == "sys-prefix":
+        prefix = kernels.sys_prefix()
+    try:
+        name, directory = kernels.install(file, config, name, display_name,
+                                          user=prefix is None, prefix=prefix)  # fmt: skip
+    except kernels.KernelError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    click.echo(f"installed kernel {name} in {directory}", err=True)
+
+
+@kernel.command(name="list")
+def kernel_list() -> None:
+    """List the py-preload kernels Jupyter finds: name, starter, kernelspec directory."""
+    from preloaded import kernel as kernels
+
+    try:
+        found = kernels.installed()
+    except kernels.KernelError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    if not found:
+        click.echo("no py-preload kernels installed")
+    for name, directory, starter, exists in found:
+        missing = "" if exists else "  (starter missing)"
+        click.echo(f"{name}  {starter}{missing}  {directory}")
+
+
+@kernel.command(name="remove")
+@click.argument("name")
+def kernel_remove(name) -> None:
+    """Remove the py-preload kernel NAME (other kernels are left to `jupyter kernelspec`)."""
+    from preloaded import kernel as kernels
+
+    try:
+        directory = kernels.remove(name)
+    except kernels.KernelError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    click.echo(f"removed kernel {name} ({directory})", err=True)
 
 
 if __name__ == "__main__":
