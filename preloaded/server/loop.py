@@ -299,10 +299,7 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        reason = tools.cold_reason(frame)
-        if reason:  # its client runs the command cold, silently: python's own behaviour
-            log(f"cold run: {reason}")
-            conn.reply({"cold": reason})
+        if tools.sent_back_cold(conn, frame, log):  # python itself must run it
             return self._close(conn)
         self._fork(conn, frame)
 

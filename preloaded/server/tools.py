@@ -37,6 +37,16 @@ COVERAGE_ENV = ("COVERAGE_PROCESS_START", "COV_CORE_SOURCE")
 _plugin_cache: dict = {}
 
 
+def sent_back_cold(conn, request: dict, log) -> bool:
+    """If ``request`` must run cold, log why and tell the client (``{"cold": reason}``: it
+    runs python itself, silently); True then."""
+    reason = cold_reason(request)
+    if reason:
+        log(f"cold run: {reason}")
+        conn.reply({"cold": reason})
+    return bool(reason)
+
+
 def cold_reason(request: dict) -> str | None:
     """Why ``request`` must run cold because of a tool that looks at the interpreter, or None."""
     env = request["env"]
