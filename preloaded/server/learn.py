@@ -23,9 +23,10 @@ import time
 
 REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
 THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
-# Never learned: importing readline changes input() on a terminal for every later run, and the
-# interactive prompt (preloaded.repl) imports it in every REPL run.
-NEVER = frozenset({"readline", "rlcompleter"})
+# Never learned (nor their submodules): importing readline changes input() on a terminal for
+# every later run, and the interactive prompt (preloaded.server.repl) imports it in every REPL
+# run; python 3.13's REPL decides at its first import whether it can drive the terminal.
+NEVER = frozenset({"readline", "rlcompleter", "_pyrepl"})
 REFUSED_ENV = "PY_PRELOAD_REFUSED"  # names refused by the image that restarted this server
 
 
@@ -276,7 +277,8 @@ class Learner:
             self._count(name)
 
     def _count(self, name: str) -> None:
-        if name in sys.modules or name in self.refused or name in self.pending or name in NEVER:
+        if (name in sys.modules or name in self.refused or name in self.pending
+                or name.partition(".")[0] in NEVER):
             return
         if not _valid_name(name):
             return
