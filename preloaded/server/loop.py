@@ -22,7 +22,7 @@ from preloaded import wire
 from preloaded.paths import Paths
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
-from preloaded.server import budget, startup, tools
+from preloaded.server import budget, control, startup, tools
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
 
@@ -290,7 +290,7 @@ class Server:
                 kill(conn.pid, signum, group=signum in GROUP_SIGNALS)
             return
         if isinstance(frame, dict) and "cmd" in frame:
-            self._handle_command(conn, frame)
+            control.handle(self, conn, frame)
             return
         try:
             validate_request(frame, len(conn.fds))
@@ -306,26 +306,6 @@ class Server:
         if tools.sent_back_cold(conn, frame, log):  # python itself must run it
             return self._close(conn)
         self._fork(conn, frame)
-
-    def _handle_command(self, conn: Conn, frame: dict) -> None:
-        cmd = frame.get("cmd")
-        if cmd == "status":
-            conn.reply(self.status())
-        elif cmd == "stop":
-            conn.reply({"stopping": os.getpid()})
-            self._close(conn)
-            self.begin_stop(kill_children=True)
-        elif cmd in ("usage", "evict") and self.budget is not None:  # see budget.ServerBudget
-            self.budget.handle(conn, frame)
-        elif cmd == "forget":  # running children finish; the next run starts a fresh server
-            if self.learner is not None:
-                self.learner.forget()
-            conn.reply({"stopping": os.getpid()})
-            self._close(conn)
-            self.begin_stop()
-        else:
-            conn.reply({"error": f"unknown command {cmd!r}"})
-        self._close(conn)
 
     def status(self) -> dict:
         return {
