@@ -85,6 +85,24 @@ def test_returns_values_from_a_reused_worker(single):
     assert [r[2] for r in results[1:]] == ["a", "b", "c"]
 
 
+def test_shutdown_ends_the_workers(light_bundle):
+    """Guards against reused workers outliving their executor (their server would never go
+    idle, nor be stopped by the memory budget): shutdown(wait=True) returns once they ended;
+    after shutdown(wait=False) they end by themselves."""
+    ex = Executor(light_bundle, max_workers=1)
+    worker = ex.submit(os.getpid).result(TIMEOUT)
+    assert ex.submit(os.getpid).result(TIMEOUT) == worker
+    ex.shutdown(wait=True)
+    assert worker not in _server_children(light_bundle)
+    ex = Executor(light_bundle, max_workers=1)
+    worker = ex.submit(os.getpid).result(TIMEOUT)
+    ex.shutdown(wait=False)
+    end = time.monotonic() + 30
+    while worker in _server_children(light_bundle):
+        assert time.monotonic() < end, "the worker outlived shutdown(wait=False)"
+        time.sleep(0.05)
+
+
 def test_max_tasks_per_child_recycles_workers(light_bundle):
     """Guards against max_tasks_per_child being ignored (a worker that runs forever) or
     miscounted, and against a recycled worker's state reaching its successor: 1 is a fresh
