@@ -65,13 +65,19 @@ static const char *coerced_lc_ctype; /* LC_CTYPE as python's start-up sets it (P
 
 /* ---- falling back to the Python starter ---------------------------------------------- */
 
+/* A last line on stderr; 0 when it was written. A stderr nobody reads fails the write with
+ * EPIPE instead of killing this process by SIGPIPE: python ignores SIGPIPE. */
+static int last_words(const char *line, int n) {
+    if (n <= 0)
+        return 0;
+    signal(SIGPIPE, SIG_IGN);
+    return write(2, line, (size_t)n) == n ? 0 : -1;
+}
+
 static void die(const char *what, const char *detail) {
     char line[1024];
     int n = snprintf(line, sizeof line, "py-preload: %s: %s\n", what, detail);
-    if (n > 0) {
-        ssize_t r = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-        (void)r;
-    }
+    (void)last_words(line, n < (int)sizeof line ? n : (int)sizeof line - 1);
     _exit(127);
 }
 
@@ -1011,11 +1017,8 @@ static void exit_like_signal(long long value) {
 static void fail(const char *message, const char *detail) {
     char line[1200];
     int n = snprintf(line, sizeof line, "py-preload: %s%s\n", message, detail);
-    if (n > 0) {
-        ssize_t r = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-        (void)r;
-    }
-    _exit(1);
+    /* The Python client's write raises there, and its exit cannot flush stderr: status 120. */
+    _exit(last_words(line, n < (int)sizeof line ? n : (int)sizeof line - 1) ? 120 : 1);
 }
 
 /* The buffered frames: end like the child once its status is there; return if none is. */
