@@ -81,6 +81,13 @@ static void die(const char *what, const char *detail) {
     _exit(127);
 }
 
+static void exec_or_die(char **args) {
+    execv(config.python, args);
+    char what[4200];
+    snprintf(what, sizeof what, "cannot run %s", config.python);
+    die(what, strerror(errno));
+}
+
 /* Replace this process with the Python starter running the same command line. */
 static void exec_python(char **argv) {
     size_t argc = 0;
@@ -99,20 +106,14 @@ static void exec_python(char **argv) {
     for (size_t i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
-    execv(config.python, args);
-    char what[4200];
-    snprintf(what, sizeof what, "cannot run %s", config.python);
-    die(what, strerror(errno));
+    exec_or_die(args);
 }
 
 /* Replace this process with the real interpreter running the same command (starter.py
  * exec_cold, for a bundle without an overlay: the environment is the caller's as it is). */
 static void exec_cold(char **argv) {
     argv[0] = (char *)config.python;
-    execv(config.python, argv);
-    char what[4200];
-    snprintf(what, sizeof what, "cannot run %s", config.python);
-    die(what, strerror(errno));
+    exec_or_die(argv);
 }
 
 /* ---- the configuration ----------------------------------------------------------------- */
@@ -372,7 +373,11 @@ static int put_str(struct out *o, const char *str, int strict) {
             char e[2] = {'\\', (char)c};
             put(o, e, 2);
         } else if (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t') {
-            char e[2] = {'\\', c == '\b' ? 'b' : c == '\f' ? 'f' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't'};
+            char e[2] = {'\\', c == '\b'   ? 'b'
+                                : c == '\f' ? 'f'
+                                : c == '\n' ? 'n'
+                                : c == '\r' ? 'r'
+                                            : 't'};
             put(o, e, 2);
         } else if (c >= 0x10000) {
             put_u(o, 0xD800 + ((c - 0x10000) >> 10));
@@ -1044,7 +1049,8 @@ static void act_on_frames(void) {
 static void wait_for_status(int sock) {
     for (;;) {
         act_on_frames();
-        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = wake_pipe[0], .events = POLLIN}};
+        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN}};
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
