@@ -68,14 +68,27 @@ static const char *coerced_lc_ctype; /* LC_CTYPE as python's start-up sets it (P
 
 /* ---- falling back to the Python starter ---------------------------------------------- */
 
+/* A last line on stderr; 0 when it was written. A stderr nobody reads fails the write with
+ * EPIPE instead of killing this process by SIGPIPE: python ignores SIGPIPE. */
+static int last_words(const char *line, int n) {
+    if (n <= 0)
+        return 0;
+    signal(SIGPIPE, SIG_IGN);
+    return write(2, line, (size_t)n) == n ? 0 : -1;
+}
+
 static void die(const char *what, const char *detail) {
     char line[1024];
     int n = snprintf(line, sizeof line, "py-preload: %s: %s\n", what, detail);
-    if (n > 0) {
-        ssize_t r = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-        (void)r;
-    }
+    (void)last_words(line, n < (int)sizeof line ? n : (int)sizeof line - 1);
     _exit(127);
+}
+
+static void exec_or_die(char **args) {
+    execv(config.python, args);
+    char what[4200];
+    snprintf(what, sizeof what, "cannot run %s", config.python);
+    die(what, strerror(errno));
 }
 
 /* Replace this process with the Python starter running the same command line. */
@@ -96,20 +109,14 @@ static void exec_python(char **argv) {
     for (size_t i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
-    execv(config.python, args);
-    char what[4200];
-    snprintf(what, sizeof what, "cannot run %s", config.python);
-    die(what, strerror(errno));
+    exec_or_die(args);
 }
 
 /* Replace this process with the real interpreter running the same command (starter.py
  * exec_cold, for a bundle without an overlay: the environment is the caller's as it is). */
 static void exec_cold(char **argv) {
     argv[0] = (char *)config.python;
-    execv(config.python, argv);
-    char what[4200];
-    snprintf(what, sizeof what, "cannot run %s", config.python);
-    die(what, strerror(errno));
+    exec_or_die(argv);
 }
 
 /* ---- the configuration ----------------------------------------------------------------- */
@@ -369,7 +376,11 @@ static int put_str(struct out *o, const char *str, int strict) {
             char e[2] = {'\\', (char)c};
             put(o, e, 2);
         } else if (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t') {
-            char e[2] = {'\\', c == '\b' ? 'b' : c == '\f' ? 'f' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't'};
+            char e[2] = {'\\', c == '\b'   ? 'b'
+                                : c == '\f' ? 'f'
+                                : c == '\n' ? 'n'
+                                : c == '\r' ? 'r'
+                                            : 't'};
             put(o, e, 2);
         } else if (c >= 0x10000) {
             put_u(o, 0xD800 + ((c - 0x10000) >> 10));
@@ -1014,11 +1025,8 @@ static void exit_like_signal(long long value) {
 static void fail(const char *message, const char *detail) {
     char line[1200];
     int n = snprintf(line, sizeof line, "py-preload: %s%s\n", message, detail);
-    if (n > 0) {
-        ssize_t r = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-        (void)r;
-    }
-    _exit(1);
+    /* The Python client's write raises there, and its exit cannot flush stderr: status 120. */
+    _exit(last_words(line, n < (int)sizeof line ? n : (int)sizeof line - 1) ? 120 : 1);
 }
 
 /* The buffered frames: end like the child once its status is there; return if none is. */
@@ -1044,7 +1052,8 @@ static void act_on_frames(void) {
 static void wait_for_status(int sock) {
     for (;;) {
         act_on_frames();
-        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = wake_pipe[0], .events = POLLIN}};
+        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN}};
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
