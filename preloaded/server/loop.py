@@ -23,6 +23,8 @@ from preloaded.paths import Paths
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server import startup
+from preloaded.server.context import Gate
+from preloaded.server.peer import Cold, Peer
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
 
@@ -75,6 +77,7 @@ class Server:
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
+        self.gate = Gate()  # the caller's process context, against the server's
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -232,13 +235,13 @@ class Server:
             except OSError as exc:  # EMFILE and friends: drop this round, keep serving
                 log(f"accept failed: {exc}")
                 return
-            if not _peer_is_us(sock):
+            conn = Conn(sock)
+            if not _peer_is_us(conn):
                 log("refused a connection from another user")
-                Conn(sock).reply({"error": "connection from another user refused"})
-                sock.close()
+                conn.reply({"error": "connection from another user refused"})
+                self._close(conn)
                 continue
             sock.setblocking(False)
-            conn = Conn(sock)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
 
@@ -333,7 +336,12 @@ class Server:
     def _fork(self, conn: Conn, request: dict) -> None:
         """Hand ``request`` to the parked standby (forking one now if none is parked)."""
         try:  # the fds stay in conn.fds meanwhile: a standby forked now must not keep them
-            standby = self.pool.hand_over(request, conn.fds)
+            changes = self.gate.plan(conn.peer, conn.sock, request["env"])
+            standby = self.pool.hand_over(request, conn.fds, changes)
+        except Cold as exc:  # the client execs python itself, silently: the reason goes here
+            _tell_cold(conn, str(exc))
+            self._close(conn)
+            return
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
             self._reject(conn, f"cannot fork: {exc.strerror}")  # closes conn.fds
             return
@@ -404,6 +412,7 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
+        conn.close_peer()
         wire.close_all(conn.fds)
         conn.fds = []
         fd = conn.sock.fileno()
@@ -455,15 +464,19 @@ def _drain_backlog(listener, retry: dict) -> None:
 
 
 
-def _peer_is_us(sock: socket.socket) -> bool:
-    import struct
-
+def _peer_is_us(conn: Conn) -> bool:
+    """Pin the peer (SO_PEERCRED, a pidfd); only our own uid may connect."""
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        conn.peer = Peer(conn.sock)
     except OSError:
         return False
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid == os.getuid()
+    return conn.peer.uid == os.getuid()
+
+
+def _tell_cold(conn: Conn, reason: str) -> None:
+    pid = conn.peer.pid if conn.peer else "?"
+    log(f"run of pid {pid} goes cold: {reason}")
+    conn.reply({"error": "cold", "reason": reason})
 
 
 def _unlink_if_ours(path: str, ino) -> None:

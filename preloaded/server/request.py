@@ -78,6 +78,11 @@ class Conn:
         self.pid: int | None = None
         self.kill_at: float | None = None
         self.closed = False
+        self.peer = None  # peer.Peer, pinned at accept
+
+    def close_peer(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
 
     def reply(self, obj) -> bool:
         """Send ``obj``; False if the client could not be told (gone, or not reading)."""
