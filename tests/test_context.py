@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -96,10 +97,11 @@ def log_text(bundle: str) -> str:
         return f.read()
 
 
-def compare(bundle: str, probe: str, wrapper: list, *probe_args: str, warm: bool = True,
+def compare(bundle: str, probe: str, wrapper: list, *probe_args: str, warm=True,
             env=None) -> str:  # fmt: skip
     """Run the probe under ``wrapper`` with python and with the starter; both must print the
-    same, and the starter's run must be warm (``warm``) or cold. Returns the output."""
+    same, and the starter's run must be warm (``warm``), cold, or either (None). Returns the
+    output."""
     cold = run([*wrapper, PYTHON, probe, *probe_args], env=env)
     assert cold.returncode == 0, cold.stderr
     runs = status(bundle)["runs"]
@@ -107,8 +109,17 @@ def compare(bundle: str, probe: str, wrapper: list, *probe_args: str, warm: bool
     assert warm_run.returncode == 0, warm_run.stderr
     assert warm_run.stderr == ""  # a run that goes cold says nothing on the user's stderr
     assert warm_run.stdout == cold.stdout
-    assert status(bundle)["runs"] == runs + (1 if warm else 0), "warm" if warm else "cold"
+    if warm is not None:
+        assert status(bundle)["runs"] == runs + (1 if warm else 0), "warm" if warm else "cold"
     return cold.stdout
+
+
+def narrow_server(tmp_path, name: str, wrapper: list) -> str:
+    """A light starter whose server was started under ``wrapper`` (a narrower context)."""
+    path = make_bundle(tmp_path / f"python-{name}.bin", "json")
+    started = run([*wrapper, path, "-c", "pass"])
+    assert started.returncode == 0, started.stderr
+    return path
 
 
 def needs(*tools: str) -> None:
@@ -202,12 +213,35 @@ def test_new_namespace_goes_cold(bundle, probe, kind):
     assert f"goes cold: {name} namespace" in log_text(bundle)
 
 
+def test_higher_hard_limit_than_the_server(probe, tmp_path):
+    """Warm only where the server may raise its hard limit (CAP_SYS_RESOURCE), else cold."""
+    needs("prlimit")
+    path = narrow_server(tmp_path, "limits", ["prlimit", "--nofile=100:200"])
+    try:
+        runs = status(path)["runs"]
+        out = compare(path, probe, [], warm=None)
+        assert "RLIMIT_NOFILE (100, 200)" not in out
+        if status(path)["runs"] == runs:
+            assert "goes cold: RLIMIT_NOFILE hard limit" in log_text(path)
+    finally:
+        cli("stop", path, check=False)
+
+
+def test_lower_nice_than_the_server_without_cap_sys_nice(probe, tmp_path):
+    needs("setpriv")
+    narrow = ["setpriv", "--bounding-set", "-sys_nice", "--"]
+    path = narrow_server(tmp_path, "nice", ["nice", "-n", "10", *narrow])
+    try:
+        assert "nice 0" in compare(path, probe, narrow, warm=False)
+        assert "goes cold: nice 0 is below the server's 10" in log_text(path)
+    finally:
+        cli("stop", path, check=False)
+
+
 def test_caller_with_more_privilege_than_the_server_goes_cold(probe, tmp_path):
     """A server started by a caller without cap_net_raw cannot serve a caller that has it."""
     needs("setpriv")
-    path = make_bundle(tmp_path / "python-narrow.bin", "json")
-    started = run(["setpriv", "--bounding-set", "-net_raw", path, "-c", "pass"])
-    assert started.returncode == 0, started.stderr
+    path = narrow_server(tmp_path, "narrow", ["setpriv", "--bounding-set", "-net_raw"])
     try:
         compare(path, probe, [], warm=False)
         assert "the caller has capabilities the server lacks" in log_text(path)
@@ -215,24 +249,60 @@ def test_caller_with_more_privilege_than_the_server_goes_cold(probe, tmp_path):
         cli("stop", path, check=False)
 
 
-def test_cgroup(bundle, probe, tmp_path):
+def test_what_only_the_child_finds_out_goes_cold(probe, tmp_path):
+    """A cgroup the child may not join: the caller joined it while it could (cgroup.procs is
+    0444, written with CAP_DAC_OVERRIDE), then dropped CAP_DAC_OVERRIDE, as had the server's
+    first caller. The server does not predict file permissions; the child's write fails, it
+    answers "cold" before the go, and the run goes cold instead of staying in the server's."""
+    needs("setpriv")
     made = make_cgroups()
     if not made:
         pytest.skip("no writable cgroup hierarchy (cgroup2 or v1 pids) here")
+    path = make_bundle(tmp_path / "python-cg.bin", "json")
+    narrow = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    try:
+        started = run([*narrow, path, "-c", "pass"])
+        assert started.returncode == 0, started.stderr
+        for directory in made:
+            os.chmod(os.path.join(directory, "cgroup.procs"), 0o444)
+        out = compare(path, probe, [incg_script(tmp_path), *narrow], warm=False,
+                      env=dict(os.environ, CGDIRS=" ".join(made)))  # fmt: skip
+        assert "/" + os.path.basename(made[0]) in out
+        assert "the child could not take on the caller's context" in log_text(path)
+    finally:
+        cli("stop", path, check=False)
+        remove_cgroups(made)
+
+
+def incg_script(tmp_path) -> str:
+    """A wrapper that moves itself into the cgroups named by $CGDIRS, then execs its args."""
     script = tmp_path / "incg.sh"
     script.write_text('#!/bin/sh\nfor d in $CGDIRS; do echo $$ > "$d/cgroup.procs" || exit 9\n'
                       'done\nexec "$@"\n')  # fmt: skip
     script.chmod(0o755)
-    env = dict(os.environ, CGDIRS=" ".join(made))
-    try:
-        out = compare(bundle, probe, [str(script)], env=env)
-        assert "/" + os.path.basename(made[0]) in out
-    finally:
-        for directory in made:
+    return str(script)
+
+
+def remove_cgroups(made: list) -> None:
+    for directory in made:
+        for _attempt in range(50):  # the probe's processes leave it as they exit
             try:
                 os.rmdir(directory)
+                break
             except OSError:
-                pass
+                time.sleep(0.1)
+
+
+def test_cgroup(bundle, probe, tmp_path):
+    made = make_cgroups()
+    if not made:
+        pytest.skip("no writable cgroup hierarchy (cgroup2 or v1 pids) here")
+    env = dict(os.environ, CGDIRS=" ".join(made))
+    try:
+        out = compare(bundle, probe, [incg_script(tmp_path)], env=env)
+        assert "/" + os.path.basename(made[0]) in out
+    finally:
+        remove_cgroups(made)
 
 
 def make_cgroups() -> list:
