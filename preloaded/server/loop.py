@@ -24,7 +24,7 @@ from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server import startup
 from preloaded.server.context import Gate
-from preloaded.server.peer import Cold, Peer
+from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
 
@@ -236,11 +236,12 @@ class Server:
                 log(f"accept failed: {exc}")
                 return
             conn = Conn(sock)
-            if not _peer_is_us(conn):
+            if not _peer_is_us(sock):
                 log("refused a connection from another user")
                 conn.reply({"error": "connection from another user refused"})
                 self._close(conn)
                 continue
+            conn.peer = Peer(sock)  # pinned now: its context is read when its request comes
             sock.setblocking(False)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
@@ -464,13 +465,12 @@ def _drain_backlog(listener, retry: dict) -> None:
 
 
 
-def _peer_is_us(conn: Conn) -> bool:
-    """Pin the peer (SO_PEERCRED, a pidfd); only our own uid may connect."""
+def _peer_is_us(sock: socket.socket) -> bool:
     try:
-        conn.peer = Peer(conn.sock)
+        _pid, uid, _gid = credentials(sock)
     except OSError:
         return False
-    return conn.peer.uid == os.getuid()
+    return uid == os.getuid()
 
 
 def _tell_cold(conn: Conn, reason: str) -> None:

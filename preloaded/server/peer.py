@@ -42,7 +42,10 @@ class Peer:
     """The process at the other end of a connection, pinned by a pidfd from accept on."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.pid, self.uid, self.gid = credentials(sock)
+        try:
+            self.pid, self.uid, self.gid = credentials(sock)
+        except OSError:  # not a Unix socket's peer: nothing to pin, still_there says False
+            self.pid, self.uid, self.gid = 0, -1, -1
         self.pidfd: int | None = None
         if self.pid > 0 and hasattr(os, "pidfd_open"):
             try:
