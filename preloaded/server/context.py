@@ -99,6 +99,21 @@ class Gate:
     def __init__(self) -> None:
         self.planner: Planner | None = None  # made at the first run, after the preloads
 
+    def sent_back_cold(self, conn, request: dict, log) -> bool:
+        """Plan ``conn.changes``; if the run must go cold, log why and tell the client."""
+        try:
+            conn.changes = self.plan(conn.peer, conn.sock, request["env"])
+        except Cold as exc:
+            self.tell_cold(conn, str(exc), log)
+            return True
+        return False
+
+    def tell_cold(self, conn, reason: str, log):
+        """``{"cold": reason}`` (as tools.sent_back_cold): the client execs python silently."""
+        log(f"run of pid {conn.peer.pid} goes cold: {reason}")
+        conn.reply({"cold": reason})
+        return conn
+
     def plan(self, pinned: peer.Peer, sock, env: dict) -> dict:
         """The changes for the caller pinned as ``pinned``; raises Cold."""
         try:

@@ -22,7 +22,7 @@ from preloaded import wire
 from preloaded.paths import Paths
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
-from preloaded.server import startup
+from preloaded.server import startup, tools
 from preloaded.server.context import Gate
 from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
@@ -77,7 +77,6 @@ class Server:
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
-        self.gate = Gate()  # the caller's process context, against the server's
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -147,26 +146,27 @@ class Server:
                 self.pool.refill()
 
     def _can_learn(self) -> bool:
-        """Learned modules are imported between runs: never while a run waits to be forked."""
-        if self.stopping or self.learner is None or not self.learner.pending:
+        """Learned modules are imported (probes forked) between runs, never while a run waits."""
+        if self.stopping or self.learner is None or not self.learner.needs_turn():
             return False
         return all(conn.pid is not None for conn in self.conns.values())
 
     def _learn_step(self) -> None:
-        """Import one learned module (one per loop turn: a client that comes waits for one)."""
+        """Import one learned module, or fork the probe that checks them first (one per loop
+        turn: a client that comes waits for one)."""
         if not self._can_learn():
             return
-        outcome = self.learner.step()
+        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
         if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
-        elif outcome is not None:  # learned, or failed after importing some of its dependencies
+        elif outcome in ("learned", "failed"):  # failed: after importing some dependencies?
             from preloaded.server import preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
-            if not self.learner.pending:
+            if not self.learner.busy():
                 self.write_info()
 
     def _timeout(self) -> float:
@@ -174,6 +174,7 @@ class Server:
             return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
         limits = [1.0]
+        limits += [deadline - now for deadline in self.learner.deadlines()]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)
         for conn in self.children.values():  # closed connections whose child awaits SIGKILL
@@ -195,6 +196,7 @@ class Server:
             if conn.kill_at is not None and now >= conn.kill_at:
                 kill(conn.pid, signal.SIGKILL, group=True)
                 conn.kill_at = None
+        self.learner.check_probe(now)
         if self.conns or self.children:
             self.last_active = now
         elif not self.stopping and now - self.last_active >= self.idle_timeout:
@@ -236,12 +238,11 @@ class Server:
                 log(f"accept failed: {exc}")
                 return
             conn = Conn(sock)
-            if not _peer_is_us(sock):
+            if not _admit(conn):
                 log("refused a connection from another user")
                 conn.reply({"error": "connection from another user refused"})
                 self._close(conn)
                 continue
-            conn.peer = Peer(sock)  # pinned now: its context is read when its request comes
             sock.setblocking(False)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
@@ -300,6 +301,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
+        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
+            return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
 
     def _handle_command(self, conn: Conn, frame: dict) -> None:
@@ -337,12 +340,9 @@ class Server:
     def _fork(self, conn: Conn, request: dict) -> None:
         """Hand ``request`` to the parked standby (forking one now if none is parked)."""
         try:  # the fds stay in conn.fds meanwhile: a standby forked now must not keep them
-            changes = self.gate.plan(conn.peer, conn.sock, request["env"])
-            standby = self.pool.hand_over(request, conn.fds, changes)
-        except Cold as exc:  # the client execs python itself, silently: the reason goes here
-            _tell_cold(conn, str(exc))
-            self._close(conn)
-            return
+            standby = self.pool.hand_over(request, conn.fds, conn.changes)
+        except Cold as exc:  # the child could not take on the caller's context
+            return self._close(GATE.tell_cold(conn, str(exc), log))
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
             self._reject(conn, f"cannot fork: {exc.strerror}")  # closes conn.fds
             return
@@ -373,6 +373,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
     def _reap(self) -> None:
@@ -413,7 +414,6 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
-        conn.close_peer()
         wire.close_all(conn.fds)
         conn.fds = []
         fd = conn.sock.fileno()
@@ -422,7 +422,7 @@ class Server:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
+        conn.close()
 
     def begin_stop(self, kill_children: bool = False, retry: dict = RETRY) -> None:
         """Stop taking runs: the socket goes away at once, running children finish (or not).
@@ -431,6 +431,8 @@ class Server:
         """
         self.stopping = True
         self.pool.discard_all()
+        if self.learner is not None:
+            self.learner.stop_probe()
         if self.listener is not None:
             # Only our own files: after the runtime dir was removed under us, a successor's are
             # there (removing its info file would hide it from `list` and `stop --all`).
@@ -465,18 +467,23 @@ def _drain_backlog(listener, retry: dict) -> None:
 
 
 
+GATE = Gate()  # each caller's process context, against the server's (see context.py)
+
+
+def _admit(conn: Conn) -> bool:
+    """Only our own uid may connect; its process is pinned at once (a pidfd)."""
+    if not _peer_is_us(conn.sock):
+        return False
+    conn.peer = Peer(conn.sock)  # its context is read when its request comes
+    return True
+
+
 def _peer_is_us(sock: socket.socket) -> bool:
     try:
         _pid, uid, _gid = credentials(sock)
     except OSError:
         return False
     return uid == os.getuid()
-
-
-def _tell_cold(conn: Conn, reason: str) -> None:
-    pid = conn.peer.pid if conn.peer else "?"
-    log(f"run of pid {pid} goes cold: {reason}")
-    conn.reply({"error": "cold", "reason": reason})
 
 
 def _unlink_if_ours(path: str, ino) -> None:

@@ -79,10 +79,12 @@ class Conn:
         self.kill_at: float | None = None
         self.closed = False
         self.peer = None  # peer.Peer, pinned at accept
+        self.changes: dict = {}  # what its child changes to be its process (context.Gate)
 
-    def close_peer(self) -> None:
+    def close(self) -> None:
+        self.sock.close()
         if self.peer is not None:
-            self.peer.close()
+            self.peer.close()  # its pidfd
 
     def reply(self, obj) -> bool:
         """Send ``obj``; False if the client could not be told (gone, or not reading)."""
