@@ -181,17 +181,29 @@ def test_capabilities_dropped_by_capsh(bundle, probe):
     assert status_caps(cold.stdout)["CapBnd"] & (1 << 13) == 0
 
 
-def test_no_new_privs(bundle, probe):
+def test_no_new_privs_goes_cold(bundle, probe):
+    """The child could set it, but not the Landlock domain a sandbox sets with it (not in /proc)."""
     needs("setpriv")
-    assert "NoNewPrivs 1" in compare(bundle, probe, ["setpriv", "--no-new-privs"])
+    assert "NoNewPrivs 1" in compare(bundle, probe, ["setpriv", "--no-new-privs"], warm=False)
+    assert "goes cold: no_new_privs 1 differs from the server's 0" in log_text(bundle)
+
+
+def test_root_with_less_than_its_bounding_set_goes_cold(bundle, probe):
+    """SECBIT_NOROOT: root without capabilities after exec. Securebits are not in /proc: a warm
+    child dropped to no capabilities would still regain them all in its own execs as root."""
+    needs("capsh")
+    out = compare(bundle, probe, ["capsh", "--secbits=1", "--shell=/usr/bin/env", "--"],
+                  warm=False)  # fmt: skip
+    assert "CapEff 0000000000000000" in out
+    assert "a root caller with a permitted set narrower than its bounding set" in log_text(bundle)
 
 
 def test_everything_at_once(bundle, probe):
     needs("setpriv", "prlimit", "taskset")
-    wrapper = ["setpriv", "--groups", "5,6", "--bounding-set", "-net_raw", "--no-new-privs",
-               "--", "nice", "-n", "5", "taskset", "-c", "1", "prlimit", "--nofile=50:60"]
+    wrapper = ["setpriv", "--groups", "5,6", "--bounding-set", "-net_raw", "--", "nice", "-n",
+               "5", "taskset", "-c", "1", "prlimit", "--nofile=50:60", "choom", "-n", "300", "--"]
     out = compare(bundle, probe, wrapper)
-    assert "nice 5" in out and "NoNewPrivs 1" in out
+    assert "nice 5" in out and "Groups 5 6" in out
 
 
 def test_seccomp_filter_goes_cold(bundle, probe, tmp_path):

@@ -2,9 +2,9 @@
 
 Applied before the "go", in the order the kernel needs: limits and nice while the child still
 has the server's capabilities (raising a hard limit or lowering nice may need them), the
-cgroup and groups next, capabilities last (bounding set, then capset, then ambient), and
-no_new_privs. Whatever fails makes the child answer "cold" on its channel and exit: the server
-then tells the client to run cold, never to run with the server's value.
+cgroup and groups next, capabilities last (bounding set, then capset, then ambient). Whatever
+fails makes the child answer "cold" on its channel and exit: the server then tells the client
+to run cold, never to run with the server's value.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 from preloaded import wire
 
 PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 LAST_CAP = 63
@@ -60,8 +59,6 @@ def take_on(changes: dict) -> str | None:
             os.setgroups(changes["groups"])
         if "caps" in changes:
             _capabilities(changes["caps"])
-        if changes.get("nnp"):
-            _prctl(PR_SET_NO_NEW_PRIVS, 1)
     except (OSError, Refused, ValueError) as exc:
         return f"the child could not take on the caller's context: {exc}"
     return None

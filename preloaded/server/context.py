@@ -148,7 +148,8 @@ def _check_identity(caller: dict, own: dict) -> None:
 
 
 def _privilege(caller: dict, own: dict) -> dict:
-    """Groups, capabilities and no_new_privs: the child drops to the caller's (never up)."""
+    """Groups and capabilities: the child drops to the caller's (never up); no_new_privs and
+    securebits it cannot match go cold."""
     changes: dict = {}
     if caller["groups"] != own["groups"]:
         if not _has(own, CAP_SETGID):
@@ -166,9 +167,15 @@ def _privilege(caller: dict, own: dict) -> dict:
             raise Cold("the bounding set differs and the server lacks CAP_SETPCAP")
         changes["caps"] = theirs
     if caller["nnp"] != own["nnp"]:
-        if not caller["nnp"]:
-            raise Cold("the server has no_new_privs and the caller has not")
-        changes["nnp"] = True
+        # The kernel would let the child set it, but no_new_privs is what a sandbox sets before
+        # a Landlock domain, and /proc shows no Landlock: the child could not be confined so.
+        raise Cold(f"no_new_privs {caller['nnp']} differs from the server's {own['nnp']} (a"
+                   " sandbox's Landlock domain, which /proc does not show, cannot be copied)")
+    if 0 in caller["uids"] and theirs["prm"] != theirs["bnd"]:
+        # A root process permitted less than its bounding set (after its exec) may run with
+        # SECBIT_NOROOT, which /proc does not show: the child's own execs would regain it all.
+        raise Cold("a root caller with a permitted set narrower than its bounding set (its"
+                   " securebits cannot be read)")  # fmt: skip
     return changes
 
 
