@@ -22,6 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -94,6 +97,16 @@ static void exec_python(char **argv) {
         args[n++] = argv[i];
     args[n] = NULL;
     execv(config.python, args);
+    char what[4200];
+    snprintf(what, sizeof what, "cannot run %s", config.python);
+    die(what, strerror(errno));
+}
+
+/* Replace this process with the real interpreter running the same command (starter.py
+ * exec_cold, for a bundle without an overlay: the environment is the caller's as it is). */
+static void exec_cold(char **argv) {
+    argv[0] = (char *)config.python;
+    execv(config.python, argv);
     char what[4200];
     snprintf(what, sizeof what, "cannot run %s", config.python);
     die(what, strerror(errno));
@@ -613,7 +626,7 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, stale;
+    int started, has_exit, has_signal, has_error, stale, cold;
     long long exit, signal;
     char error[1024];
 };
@@ -831,6 +844,7 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                            : strcmp(key, "exit") == 0   ? &r->has_exit
                            : strcmp(key, "signal") == 0 ? &r->has_signal
                            : strcmp(key, "error") == 0  ? &r->has_error
+                           : strcmp(key, "cold") == 0   ? &r->cold
                                                         : NULL;
             if (present)
                 *present = 1;
@@ -1065,7 +1079,37 @@ static int stdio_is_pipes(void) {
 
 static char request_buf[4 + MAX_FRAME + 1];
 
+/* A Jupyter kernel ends when the process that launched it dies: ipykernel polls getppid()
+   against JPY_PARENT_PID. A warm kernel's parent is the server, so this client (the process
+   Jupyter launched) keeps that watch, as starter.py's follow_jupyter does: SIGHUP when its
+   parent dies, which it forwards to the kernel. Only when JPY_PARENT_PID is our parent (a
+   process a notebook starts inherits the variable but has another parent). The setting
+   survives exec, so a cold kernel is covered too. */
+static void follow_jupyter(void) {
+#ifdef __linux__
+    const char *jupyter = getenv("JPY_PARENT_PID");
+    if (!jupyter || !*jupyter || strtol(jupyter, NULL, 10) != (long)getppid())
+        return;
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) == 0 && strtol(jupyter, NULL, 10) != (long)getppid())
+        _exit(1); /* gone before the watch was set: as ipykernel's poller would */
+#endif
+}
+
+/* Once the run started warm: NUL out the program's arguments in this process's own command
+ * line, which the child now shows as python would (preloaded/client/cmdline.py says why:
+ * pgrep -f and pkill -f must find the program's process only). ps drops the trailing NULs. */
+static void hide_arguments(int argc, char **argv) {
+    if (argc < 2)
+        return;
+    for (int i = 2; i < argc; i++)
+        if (argv[i] != argv[i - 1] + strlen(argv[i - 1]) + 1)
+            return; /* not the kernel's contiguous argv area: leave it alone */
+    char *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    memset(argv[1], 0, (size_t)(end - argv[1]));
+}
+
 int main(int argc, char **argv) {
+    follow_jupyter();
     load_config();
     if (argc < 1 || !stdio_is_pipes() || env_is_cold())
         exec_python(argv);
@@ -1119,12 +1163,16 @@ int main(int argc, char **argv) {
     while (rc == 0 && (rc = next_frame(&first, why, sizeof why)) == 0)
         rc = fill(sock) > 0 ? 0 : -1;
     if (rc == 1 && first.started) {
+        hide_arguments(argc, argv);
         wait_for_status(sock);
         return 1; /* not reached */
     }
-    /* Stale, refused, or no answer: the Python client retries, starts a server or says why. */
     close(sock);
     restore_handlers();
+    if (rc == 1 && first.cold && !config.overlay[0])
+        exec_cold(argv); /* the server says python must run it (the reason is in its log) */
+    /* Stale, refused, or no answer: the Python client retries, starts a server or says why;
+     * with an overlay, its cold run checks that the overlay is installed first. */
     exec_python(argv);
     return 127;
 }
