@@ -25,6 +25,7 @@ from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server import startup
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
+from preloaded.server.stops import ClientStops, peer_pid
 
 ALREADY_RUNNING = 3
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
@@ -36,9 +37,6 @@ FORWARDABLE = {int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, si
 RETRY = {"error": "stale", "reason": "the server is stopping"}
 GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
                  int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
-# While runs are going, how often to look whether a client was stopped (SIGSTOP cannot be
-# caught, so the client cannot forward it): the delay before its child is stopped too.
-WATCH_INTERVAL = 0.1
 
 
 LOG_PROBLEMS: list = []  # why the log cannot be written (disk full, ...): shown by status
@@ -78,7 +76,7 @@ class Server:
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
-        self.next_watch = 0.0  # when to look at the running runs' clients again
+        self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -142,7 +140,7 @@ class Server:
             for key, _mask in events:
                 key.data(key.fileobj)
             self._check_deadlines()
-            self._watch_clients()
+            self.stops.check(self.children)
             self._check_socket()
             self._learn_step()
             if not events and self._refill_in() == 0.0:
@@ -184,7 +182,7 @@ class Server:
         if not self.conns and not self.children:
             limits.append(self.last_active + self.idle_timeout - now)
         if self.children:
-            limits.append(self.next_watch - now)
+            limits.append(self.stops.next - now)
         refill = self._refill_in(now)
         if refill is not None:
             limits.append(refill)
@@ -204,24 +202,6 @@ class Server:
         elif not self.stopping and now - self.last_active >= self.idle_timeout:
             log(f"idle for {self.idle_timeout:.0f} s: exiting")
             self.begin_stop()
-
-    def _watch_clients(self) -> None:
-        """A run's child follows its client's stops: `kill -STOP` on the starter (which cannot
-        catch it) pauses the program as it would pause python, and SIGCONT resumes it.
-
-        Read from /proc/<client>/stat, only while runs are going, every WATCH_INTERVAL.
-        """
-        now = time.monotonic()
-        if not self.children or now < self.next_watch:
-            return
-        self.next_watch = now + WATCH_INTERVAL
-        for pid, conn in self.children.items():
-            if conn.closed or not conn.client_pid:
-                continue
-            stopped = _stopped(conn.client_pid)
-            if stopped != conn.client_stopped:
-                conn.client_stopped = stopped
-                kill(pid, signal.SIGSTOP if stopped else signal.SIGCONT, group=True)
 
     def _check_socket(self) -> None:
         """Retire when our socket file was removed or replaced: no run could reach us any more,
@@ -264,7 +244,7 @@ class Server:
                 continue
             sock.setblocking(False)
             conn = Conn(sock)
-            conn.client_pid = _peer_pid(sock)
+            conn.client_pid = peer_pid(sock)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
 
@@ -490,26 +470,6 @@ def _peer_is_us(sock: socket.socket) -> bool:
         return False
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
-
-
-def _peer_pid(sock: socket.socket) -> int | None:
-    import struct
-
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid = struct.unpack("3i", creds)[0]
-    return pid if pid > 0 else None  # 0: a client in a pid namespace we cannot see
-
-
-def _stopped(pid: int) -> bool:
-    """True when process ``pid`` is stopped by a signal (state T; not a tracer's stop, t)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split(None, 1)[0] == b"T"
-    except (OSError, IndexError):
-        return False
 
 
 def _unlink_if_ours(path: str, ino) -> None:

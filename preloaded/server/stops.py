@@ -1,0 +1,59 @@
+"""A run's child follows its client's stops: `kill -STOP` on the starter pauses the program as it
+would pause python, and SIGCONT resumes it.
+
+SIGSTOP cannot be caught, so the client cannot forward it; the server looks instead: while runs
+are going, every WATCH_INTERVAL, it reads the state of each run's client (its pid comes from
+SO_PEERCRED) in /proc/<pid>/stat, and stops or continues the child's process group when that
+state changes. (A client that stops itself, Ctrl-Z or a background read, stops its child first;
+this sees it too and does nothing more.)
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import time
+
+from preloaded.server.standby import kill
+
+# The delay before a stopped client's child is stopped too.
+WATCH_INTERVAL = 0.1
+
+
+class ClientStops:
+    def __init__(self) -> None:
+        self.next = 0.0  # when to look again
+
+    def check(self, children: dict) -> None:
+        """Look at the clients of ``children`` (pid -> Conn) if it is time; follow their stops."""
+        now = time.monotonic()
+        if not children or now < self.next:
+            return
+        self.next = now + WATCH_INTERVAL
+        for pid, conn in children.items():
+            if conn.closed or not conn.client_pid:
+                continue
+            stopped = _stopped(conn.client_pid)
+            if stopped != conn.client_stopped:
+                conn.client_stopped = stopped
+                kill(pid, signal.SIGSTOP if stopped else signal.SIGCONT, group=True)
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end of ``sock`` (None if it cannot be known)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None  # 0: a client in a pid namespace we cannot see
+
+
+def _stopped(pid: int) -> bool:
+    """True when process ``pid`` is stopped by a signal (state T; not a tracer's stop, t)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split(None, 1)[0] == b"T"
+    except (OSError, IndexError):
+        return False
