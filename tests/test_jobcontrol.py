@@ -191,7 +191,7 @@ import os, sys, time
 print("ready", flush=True)
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.02)
-print("reading", flush=True)
+print("reading", tuple(os.get_terminal_size()), flush=True)
 print("got", input())
 """
 
@@ -200,16 +200,19 @@ def _background_then_fg_input(sh, exe: str, warm: bool, script: str, flag) -> tu
     before = _stty(sh)
     sh.sendline(f"{exe} {script} {flag} &")
     sh.expect_exact("ready")
+    sh.setwinsize(30, 100)  # resized while it runs in the background: it sees the new size
     sh.sendline("fg")
     sh.expect_exact(f"{script} {flag}\r\n")  # bash names the job it brings to the foreground
     _wait_owned(sh, warm)
     flag.write_text("")
-    sh.expect_exact("reading\r\n")
+    sh.expect_exact("reading (100, 30)\r\n")
     sh.sendline("hello")
     sh.expect_exact("got hello\r\n")
     echoed = sh.before
     sh.expect_exact(PROMPT)
-    return echoed, _status(sh), _stty(sh) == before
+    status = _status(sh)
+    _command(sh, "stty rows 24 cols 80")  # as it was (resizing the PTY would make bash redraw)
+    return echoed, status, _stty(sh) == before
 
 
 def test_background_then_fg_then_typing(shell, light_bundle, tmp_path):
