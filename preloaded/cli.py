@@ -88,13 +88,15 @@ def _ask(python: str, code: str, *args: str) -> str:
     return proc.stdout
 
 
-def write_atomic(path: str, text: str, mode: int) -> None:
-    """Write ``path`` so that it is either the old file or the complete new one."""
+def write_atomic(path: str, data, mode: int) -> None:
+    """Write ``path`` (text or bytes) so that it is either the old file or the complete new one."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
@@ -133,8 +135,11 @@ def main() -> None:
 @click.option("--standby", type=click.IntRange(min=0, max=MAX_STANDBYS), default=1,
               show_default=True,
               help="Children kept forked ahead (0: fork per run; more for bursts of runs).")
+@click.option("--client", type=click.Choice(["native", "python"]), default=None,
+              help="The starter: a compiled client (non-terminal runs skip the interpreter's "
+                   "start) or a Python script. Default: native when a C compiler works.")
 def bundle(modules, output, python, idle_timeout, packages, requirement_files, script, warmup,
-           learn_after, no_learn, standby) -> None:  # fmt: skip
+           learn_after, no_learn, standby, client) -> None:  # fmt: skip
     """Write a starter FILE that runs like python with MODULES preloaded.
 
     Requirements the interpreter lacks are installed with uv by the first run (or ahead of
@@ -147,7 +152,7 @@ def bundle(modules, output, python, idle_timeout, packages, requirement_files, s
     config.update(learn=not no_learn, learn_after=learn_after, standby=standby)
     if warmup:
         config["warmup"] = _warmup_path(warmup)
-    write_starter(output, config)
+    write_starter(output, config, client)
     note = " installs what it needs," if config.get("overlay") else ""
     click.echo(f"wrote {output}: run it like python; the first run{note} starts the server",
                err=True)  # fmt: skip
@@ -191,7 +196,24 @@ def plan_bundle(modules, python, idle_timeout, packages=(), requirement_files=()
     return config
 
 
-def write_starter(output: str, config: dict) -> None:
+def write_starter(output: str, config: dict, client: str | None = None) -> None:
+    """Write the starter: native (``client`` "native", or None when a compiler works) or Python.
+
+    With no compiler (or a failed compile) and no explicit choice, the Python starter is
+    written and one line says so.
+    """
+    if client != "python":
+        from preloaded.install import nativebuild
+
+        try:
+            data = nativebuild.starter_bytes(config, nativebuild.build())
+        except (nativebuild.BuildError, OSError, ValueError) as exc:
+            if client == "native":
+                raise click.ClickException(f"cannot build the native client: {exc}")
+            click.echo(f"py-preload: wrote a Python starter (no native client: {exc})", err=True)
+        else:
+            write_atomic(output, data, 0o755)
+            return
     text = STARTER.format(python=config["python"], modules=", ".join(config["modules"]),
                           pkg_root=PKG_ROOT, config=config)  # fmt: skip
     write_atomic(output, text, 0o755)
@@ -337,8 +359,9 @@ def _format_learning(st: dict) -> list:
     lines.append(f"learned:   {len(learned)} module(s), {total:.0f} ms"
                  + (" (after %d runs)" % learn["after"]))  # fmt: skip
     lines += [f"  {name} ({ms:.1f} ms)" for name, ms in learned.items()]
-    if learn["pending"]:
-        lines.append(f"learning:  {len(learn['pending'])} pending")
+    pending = len(learn["pending"]) + len(learn.get("probing", ())) + len(learn.get("cleared", ()))
+    if pending:
+        lines.append(f"learning:  {pending} pending")
     lines += [f"refused:   {name}: {why}" for name, why in learn["refused"].items()]
     return lines
 
@@ -471,6 +494,70 @@ def logs(file, lines) -> None:
     except FileNotFoundError:
         raise click.ClickException(f"no log yet for {file} (expected at {path})")
     click.echo("".join(text), nl=False)
+
+
+@main.group()
+def kernel() -> None:
+    """Jupyter kernels that run warm: a kernelspec whose interpreter is a starter FILE."""
+
+
+@kernel.command(name="install")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", help="Kernel name (default: py-preload-<file name>).")
+@click.option("--display-name", help="Name shown by Jupyter (default: Python (warm: MODULES)).")
+@click.option("--user", "where", flag_value="user", default=True,
+              help="Install for this user (the default; JUPYTER_DATA_DIR is honoured).")
+@click.option("--sys-prefix", "where", flag_value="sys-prefix",
+              help="Install into the environment py-preload runs in.")
+@click.option("--prefix", type=click.Path(file_okay=False), help="Install under PREFIX.")
+def kernel_install(file, name, display_name, where, prefix) -> None:
+    """Install a kernelspec that starts the warm kernel `FILE -m ipykernel_launcher`."""
+    from preloaded import kernel as kernels
+    from preloaded.install import installer
+
+    try:
+        config = installer.starter_config(file)
+        if config.get("overlay"):  # the check below looks for ipykernel there
+            installer.ensure(config["overlay"], config["requirements"], config["python"])
+    except installer.InstallError as exc:
+        raise _Failure(str(exc).removeprefix("py-preload: "), 2)
+    if prefix is None and where == "sys-prefix":
+        prefix = kernels.sys_prefix()
+    try:
+        name, directory = kernels.install(file, config, name, display_name,
+                                          user=prefix is None, prefix=prefix)  # fmt: skip
+    except kernels.KernelError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    click.echo(f"installed kernel {name} in {directory}", err=True)
+
+
+@kernel.command(name="list")
+def kernel_list() -> None:
+    """List the py-preload kernels Jupyter finds: name, starter, kernelspec directory."""
+    from preloaded import kernel as kernels
+
+    try:
+        found = kernels.installed()
+    except kernels.KernelError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    if not found:
+        click.echo("no py-preload kernels installed")
+    for name, directory, starter, exists in found:
+        missing = "" if exists else "  (starter missing)"
+        click.echo(f"{name}  {starter}{missing}  {directory}")
+
+
+@kernel.command(name="remove")
+@click.argument("name")
+def kernel_remove(name) -> None:
+    """Remove the py-preload kernel NAME (other kernels are left to `jupyter kernelspec`)."""
+    from preloaded import kernel as kernels
+
+    try:
+        directory = kernels.remove(name)
+    except kernels.KernelError as exc:
+        raise _Failure(str(exc), exc.exit_code)
+    click.echo(f"removed kernel {name} ({directory})", err=True)
 
 
 if __name__ == "__main__":

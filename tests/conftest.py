@@ -36,9 +36,51 @@ def cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
-def make_bundle(path, *modules, idle_timeout=600) -> str:
-    cli("bundle", *modules, "-o", str(path), "--idle-timeout", str(idle_timeout))
+def make_bundle(path, *modules, idle_timeout=600, client=None) -> str:
+    client_args = ("--client", client) if client else ()
+    cli("bundle", *modules, "-o", str(path), "--idle-timeout", str(idle_timeout), *client_args)
     return str(path)
+
+
+def native_only(path, *modules, binary=None) -> str:
+    """A native starter whose server runs, and which cannot fall back to Python.
+
+    The fallback's PKG_ROOT (a field only the C client reads) points nowhere, so that a run the
+    C client does not take itself fails ("No module named 'preloaded'") instead of passing
+    through the Python starter: tests that use it check the C client, not the Python one. The
+    server is started first, through the intact starter, and the file keeps its mtime (the
+    server would retire as stale otherwise).
+    """
+    from preloaded.client import native
+
+    make_bundle(path, *modules, idle_timeout=3600, client="native")
+    if binary:  # another build of the client (the sanitized one)
+        from preloaded.install import installer, nativebuild
+
+        data = nativebuild.starter_bytes(installer.starter_config(str(path)), binary)
+        with open(path, "wb") as f:
+            f.write(data)
+    subprocess.run([str(path), "-c", "pass"], check=True, timeout=120, capture_output=True,
+                   stdin=subprocess.DEVNULL)  # fmt: skip
+    disable_fallback(path)
+    return str(path)
+
+
+def disable_fallback(path) -> None:
+    """Point the native starter's fallback PKG_ROOT nowhere, keeping the file's mtime."""
+    from preloaded.client import native
+
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    length = int(data[-native.TRAILER + len(native.MAGIC) :], 16)
+    binary, block = data[: -native.TRAILER - length], data[-native.TRAILER - length : -native.TRAILER]
+    fields = block.split(b"\0")[:4]
+    fields[3] = b"/nonexistent-py-preload-fallback"
+    block = b"".join(field + b"\0" for field in fields)
+    with open(path, "wb") as f:
+        f.write(binary + block + native.MAGIC + b"%08x" % len(block))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def server_pids() -> list:
@@ -74,7 +116,21 @@ def module_dir(tmp_path):
 @pytest.fixture(scope="session")
 def light_bundle(bundle_dir):
     """A starter preloading small stdlib modules: fast to start, for most tests."""
-    return make_bundle(os.path.join(bundle_dir, "python-light.bin"), "json", "decimal")
+    return make_bundle(os.path.join(bundle_dir, "python-light.bin"), "json", "decimal",
+                       client="python")
+
+
+@pytest.fixture(scope="session")
+def native_bundle(bundle_dir):
+    """The light bundle as a native starter (it falls back to Python where it must)."""
+    return make_bundle(os.path.join(bundle_dir, "python-light-native.bin"), "json", "decimal",
+                       client="native")
+
+
+@pytest.fixture(scope="session")
+def native_strict(bundle_dir):
+    """The light bundle as a native starter that cannot fall back: see ``native_only``."""
+    return native_only(os.path.join(bundle_dir, "python-light-strict.bin"), "json", "decimal")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -388,12 +388,39 @@ def server_runs(bundle: str) -> int:
         return wire.recv_frame(sock, wire.FrameReader())["runs"]
 
 
+@pytest.fixture(scope="module", params=["python", "native"])
+def client(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def warm(light_bundle):
-    """The light bundle with its server started."""
+def warm(client, request):
+    """The light bundle with its server started: the Python starter, or the native one that
+    cannot fall back to Python (every run it does not take itself fails)."""
+    if client == "native":
+        return request.getfixturevalue("native_strict")
+    light_bundle = request.getfixturevalue("light_bundle")
     proc = subprocess.run([light_bundle, "-c", "pass"], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return light_bundle
+
+
+@pytest.fixture(scope="module")
+def general(client, warm, request):
+    """The starter for runs the native client hands to the Python starter (closed stdio, a
+    codec to look up): the native one that can fall back, or the Python one."""
+    if client == "python":
+        return warm
+    bundle = request.getfixturevalue("native_bundle")
+    proc = subprocess.run([bundle, "-c", "pass"], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return bundle
+
+
+def native_takes(case: Case) -> bool:
+    """Whether the C client runs ``case`` itself (else it execs the Python starter)."""
+    codec = (case.env.get("PYTHONIOENCODING") or "").partition(":")[0]
+    return not case.close_fds and not codec
 
 
 def run_both(starter: str, case: Case, directory: str) -> tuple:
@@ -405,9 +432,9 @@ def run_both(starter: str, case: Case, directory: str) -> tuple:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_same_as_python(warm, tmp_path, case):
+def test_same_as_python(warm, general, tmp_path, case):
     directory = str(tmp_path / "w")
-    expected, actual = run_both(warm, case, directory)
+    expected, actual = run_both(warm if native_takes(case) else general, case, directory)
     assert actual == expected, _explain(expected, actual)
 
 
@@ -453,14 +480,14 @@ def test_broken_pipe(warm, tmp_path):
     assert expected[0] == 1 and expected[2].endswith(b"BrokenPipeError: [Errno 32] Broken pipe\n")
 
 
-def test_unknown_ioencoding_runs_cold(warm, tmp_path):
+def test_unknown_ioencoding_runs_cold(general, tmp_path):
     """Python dies at start-up; the message names a thread id, hence the masking."""
     case = Case("bogus", ["-c", "print(1)"], env={"PYTHONIOENCODING": "no-such-codec"})
     directory = str(tmp_path / "w")
     expected = _run(PYTHON, case, directory)
-    before = server_runs(warm)
-    actual = _run(warm, case, directory)
-    assert server_runs(warm) == before  # not warm: the starter ran python itself
+    before = server_runs(general)
+    actual = _run(general, case, directory)
+    assert server_runs(general) == before  # not warm: the starter ran python itself
 
     def mask(result):
         return result[0], result[1], re.sub(rb"0x[0-9a-f]+", b"0x?", result[2])
@@ -485,7 +512,10 @@ def test_random_differs_between_warm_runs(warm):
     assert outs[0] != outs[1] and all(outs)
 
 
-def test_interpreter_is_the_shebangs(warm):
-    with open(warm) as f:
-        assert f.readline().split()[0] == "#!" + PYTHON
-    assert sys.executable == PYTHON
+def test_interpreter_is_the_shebangs(warm, client):
+    from preloaded.install.installer import starter_config
+
+    if client == "python":
+        with open(warm) as f:
+            assert f.readline().split()[0] == "#!" + PYTHON
+    assert starter_config(warm)["python"] == sys.executable == PYTHON

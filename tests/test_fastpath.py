@@ -101,5 +101,5 @@ def test_warm_run_in_a_terminal_imports_nothing_slow(warm_bundle, tmp_path):
     assert proc.wait(timeout=10) == 0, errors.read_text()
     assert int(output.decode().split()[-1]) == server
     names = imported(errors.read_text())
-    assert "preloaded.ptyrelay" in names
+    assert "preloaded.client.ptyrelay" in names
     check(names)

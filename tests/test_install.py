@@ -457,7 +457,8 @@ def test_starter_path_stays_stdlib(tmp_path, env, plain_python):
     a bundle interpreter with nothing installed can host the server. Guards against slowing
     every run with the install machinery."""
     starter = tmp_path / "f.bin"
-    bundle(env, starter, "ovl_pkg", "-p", "ovl-pkg", "--python", plain_python)
+    bundle(env, starter, "ovl_pkg", "-p", "ovl-pkg", "--python", plain_python,
+           "--client", "python")  # the script that -X importtime can run
     run(starter, "-c", "pass", env=env)
     proc = subprocess.run([plain_python, "-SI", "-X", "importtime", str(starter), "-c", "pass"],
                           capture_output=True, text=True, env=env, timeout=60)  # fmt: skip

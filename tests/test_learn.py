@@ -202,14 +202,18 @@ UNSAFE = {
     # hidden by the default filters, but a run with -W error would fail on it
     "hidden": "import warnings\nwarnings.warn('old', DeprecationWarning)\n",
     "print": "print('hello from an import')\n",
+    # the server's handler (it wakes the loop) would be gone: SIGHUP would no longer stop it
+    "signal": "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n",
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", sorted(UNSAFE))
 def test_unsafe_learned_module_is_refused_for_good(tmp_path, venv, kind):
     """Guards fork safety of learning: a library module that starts a thread (dead in every
-    child), warns or prints (the warning would vanish from the runs) is refused, the server
-    retires to drop it, and it is never learned again."""
+    child), warns or prints (the warning would vanish from the runs) or takes a signal handler
+    of the server is refused for good, by a probe: the server never imports it, keeps serving
+    (same pid, still one thread), learns the clean module imported along with it, and later
+    runs that import the refused one still work."""
     python, _site = venv
     install(venv, "badpkg", UNSAFE[kind])
     path = bundle(tmp_path / "python-unsafe.bin", python=python)
@@ -218,19 +222,46 @@ def test_unsafe_learned_module_is_refused_for_good(tmp_path, venv, kind):
         for _ in range(2):
             assert run(path, "-c", "import colorsys, badpkg").returncode == 0
         wait_until(lambda: "badpkg" in saved(path).get("refused", {}), "badpkg to be refused")
-        wait_until(lambda: gone(old), "the old server to retire")
+        wait_until(lambda: "colorsys" in learned(path), "colorsys (clean) to be learned")
         reason = saved(path)["refused"]["badpkg"]
         assert {"thread": "started a thread", "warning": "warned: UserWarning",
-                "hidden": "warned: DeprecationWarning", "print": "printed"}[kind] in reason
-        assert server_pid(path) != old
+                "hidden": "warned: DeprecationWarning", "print": "printed",
+                "signal": "changed signal handlers"}[kind] in reason
+        assert server_pid(path) == old and not gone(old)  # refused without restarting
+        assert psutil.Process(old).num_threads() == 1
+        assert "retiring" not in cli("logs", "-n", "1000", path).stdout
         for _ in range(3):  # needed again and again: still never learned
             assert run(path, "-c", "import badpkg").returncode == 0
         time.sleep(0.3)
         learn = status(path)["learn"]
         assert "badpkg" in learn["refused"] and "badpkg" not in learn["learned"]
         assert "badpkg" not in learn["counts"] and not in_server(path, "badpkg")
-        assert "colorsys" in learn["learned"]  # what was learned safely before stays learned
+        assert in_server(path, "colorsys") and server_pid(path) == old
         assert "refused:   badpkg" in cli("status", path).stdout
+    finally:
+        cli("stop", path, check=False)
+
+
+def test_probe_that_hangs_is_killed_and_its_module_refused(tmp_path, venv):
+    """Guards the probe's deadline: a module whose import hangs in the server (not in the runs)
+    is refused once its probe overran PY_PRELOAD_PROBE_TIMEOUT, the probe is killed, and the
+    server went on serving runs meanwhile (its loop never waits for a probe)."""
+    python, _site = venv
+    install(venv, "stuck", "import os, time\nif os.getcwd() == '/':\n    time.sleep(3600)\n")
+    path = bundle(tmp_path / "python-stuck.bin", python=python)
+    env = {**os.environ, "PY_PRELOAD_PROBE_TIMEOUT": "3"}  # the first run starts the server
+    try:
+        old = int(ok(run(path, "-c", "import os; print(os.getppid())", env=env)))
+        for _ in range(2):
+            ok(run(path, "-c", "import colorsys, stuck", cwd=str(tmp_path)))
+        wait_until(lambda: "stuck" in status(path)["learn"]["probing"], "the probe to start")
+        probe = status(path)["learn"]["probe"]
+        assert ok(run(path, "-c", "print(6 * 7)")) == "42\n"  # served while the probe hangs
+        wait_until(lambda: "stuck" in status(path)["learn"]["refused"], "stuck to be refused")
+        assert "importing stuck did not finish in 3 s" in status(path)["learn"]["refused"]["stuck"]
+        wait_until(lambda: gone(probe), "the probe to be killed")
+        wait_until(lambda: "colorsys" in learned(path), "colorsys (clean) to be learned")
+        assert server_pid(path) == old and not in_server(path, "stuck")
     finally:
         cli("stop", path, check=False)
 

@@ -447,7 +447,7 @@ def test_bundle_missing_module(tmp_path):
 
 
 def test_bundle_file(tmp_path):
-    bundle = make_bundle(tmp_path / "python-b.bin", "json")
+    bundle = make_bundle(tmp_path / "python-b.bin", "json", client="python")
     mode = os.stat(bundle).st_mode
     assert mode & stat.S_IXUSR and mode & stat.S_IRUSR
     with open(bundle, encoding="utf-8") as f:

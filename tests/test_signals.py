@@ -34,6 +34,13 @@ print("not signalled", flush=True)
 """ % ", ".join(f"signal.{name}: {20 + i}" for i, name in enumerate(FORWARDED))
 
 
+@pytest.fixture(scope="module", params=["python", "native"])
+def starter(request):
+    """The Python starter, or the native one that cannot fall back to Python (conftest)."""
+    name = "light_bundle" if request.param == "python" else "native_strict"
+    return request.getfixturevalue(name)
+
+
 def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
@@ -73,9 +80,9 @@ def _wait_gone(pid: int, limit: float) -> float:
 
 
 @pytest.mark.parametrize("name", FORWARDED)
-def test_signal_reaches_the_child(light_bundle, name):
+def test_signal_reaches_the_child(starter, name):
     results = []
-    for exe in (PYTHON, light_bundle):
+    for exe in (PYTHON, starter):
         proc, _pid = _start(exe, HANDLERS)
         proc.send_signal(getattr(signal, name))
         results.append(_outcome(proc))
@@ -93,30 +100,30 @@ DEATHS = {
 
 
 @pytest.mark.parametrize("name", sorted(DEATHS))
-def test_death_by_signal_is_mirrored(light_bundle, name):
+def test_death_by_signal_is_mirrored(starter, name):
     code = "print('before', flush=True)\n" + DEATHS[name]
     cold = subprocess.run([PYTHON, "-c", code], capture_output=True, timeout=TIMEOUT, env=_env())
-    warm = subprocess.run([light_bundle, "-c", code], capture_output=True, timeout=TIMEOUT,
+    warm = subprocess.run([starter, "-c", code], capture_output=True, timeout=TIMEOUT,
                           env=_env())  # fmt: skip
     assert cold.returncode == -getattr(signal, name)
     assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout,
                                                            cold.stderr)  # fmt: skip
 
 
-def test_uncaught_keyboard_interrupt_ends_by_sigint(light_bundle):
+def test_uncaught_keyboard_interrupt_ends_by_sigint(starter):
     code = "def f():\n    raise KeyboardInterrupt\nf()\n"
     cold = subprocess.run([PYTHON, "-c", code], capture_output=True, timeout=TIMEOUT, env=_env())
-    warm = subprocess.run([light_bundle, "-c", code], capture_output=True, timeout=TIMEOUT,
+    warm = subprocess.run([starter, "-c", code], capture_output=True, timeout=TIMEOUT,
                           env=_env())  # fmt: skip
     assert cold.returncode == warm.returncode == -signal.SIGINT
     assert warm.stderr == cold.stderr and b"KeyboardInterrupt" in warm.stderr
 
 
-def test_sigint_without_handler_ends_by_sigint(light_bundle):
+def test_sigint_without_handler_ends_by_sigint(starter):
     code = ("import os, time\nprint('ready', os.getpid(), flush=True)\n"
             "for _ in range(200):\n    time.sleep(0.1)\n")
     results = []
-    for exe in (PYTHON, light_bundle):
+    for exe in (PYTHON, starter):
         proc, _pid = _start(exe, code)
         proc.send_signal(signal.SIGINT)
         results.append(_outcome(proc))
@@ -133,7 +140,7 @@ def _ignore_hup_int_quit() -> None:  # what `nohup cmd &` in a non-interactive s
         signal.signal(signum, signal.SIG_IGN)
 
 
-def test_inherited_ignored_signals_stay_ignored(light_bundle):
+def test_inherited_ignored_signals_stay_ignored(starter):
     """Guards: a warm child installed KeyboardInterrupt/SIG_DFL where python keeps an inherited
     SIG_IGN, so `nohup ./FILE x.py &` died on hangup and `kill -INT` ended a background job."""
     code = ("import os, signal, sys, time\n"
@@ -141,7 +148,7 @@ def test_inherited_ignored_signals_stay_ignored(light_bundle):
             "(signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)], flush=True)\n"
             "sys.stdin.read(); print('still here', flush=True)\n")  # fmt: skip
     results = []
-    for exe in (PYTHON, light_bundle):
+    for exe in (PYTHON, starter):
         proc = subprocess.Popen([exe, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=_env(),
                                 preexec_fn=_ignore_hup_int_quit)  # fmt: skip
@@ -158,12 +165,12 @@ def test_inherited_ignored_signals_stay_ignored(light_bundle):
 
 
 @pytest.mark.parametrize("ignore_hup", [False, True], ids=["plain", "ignores-SIGHUP"])
-def test_client_killed_ends_the_child(light_bundle, ignore_hup):
+def test_client_killed_ends_the_child(starter, ignore_hup):
     code = "import os, signal, time\n"
     if ignore_hup:
         code += "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
     code += "print('ready', os.getpid(), flush=True)\ntime.sleep(30)\n"
-    proc, pid = _start(light_bundle, code)
+    proc, pid = _start(starter, code)
     assert _running(pid)
     proc.kill()
     proc.communicate(timeout=TIMEOUT)
@@ -171,9 +178,9 @@ def test_client_killed_ends_the_child(light_bundle, ignore_hup):
     assert not _running(pid)
 
 
-def test_no_zombie_children_left_in_the_server(light_bundle):
+def test_no_zombie_children_left_in_the_server(starter):
     """After the runs above (and one more), the server has reaped every child it forked."""
-    subprocess.run([light_bundle, "-c", "pass"], check=True, timeout=TIMEOUT, env=_env())
+    subprocess.run([starter, "-c", "pass"], check=True, timeout=TIMEOUT, env=_env())
     pids = server_pids()
     assert pids
     deadline = time.monotonic() + 3
@@ -199,10 +206,10 @@ def test_no_zombie_children_left_in_the_server(light_bundle):
 MASK = "print(open('/proc/self/status').read().split('SigBlk:')[1].split()[0])"
 
 
-def test_child_starts_with_pythons_signal_mask(light_bundle):
+def test_child_starts_with_pythons_signal_mask(starter):
     """Guards against a child left with the signals the server blocks across fork still
     blocked (Ctrl-C, SIGTERM and SIGHUP would never reach the user's code)."""
-    warm = subprocess.run([light_bundle, "-c", MASK], capture_output=True, text=True,
+    warm = subprocess.run([starter, "-c", MASK], capture_output=True, text=True,
                           timeout=TIMEOUT, env=_env(), check=True).stdout  # fmt: skip
     cold = subprocess.run([PYTHON, "-c", MASK], capture_output=True, text=True,
                           timeout=TIMEOUT, env=_env(), check=True).stdout  # fmt: skip

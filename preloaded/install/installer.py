@@ -515,10 +515,20 @@ class Plan:
 
 
 def starter_config(path: str) -> dict:
-    """The config dict a starter file was written with (the literal passed to ``main``)."""
+    """The config dict a starter file was written with: the literal passed to ``main`` in a
+    Python starter, the embedded JSON block in a native one."""
     import ast
 
+    from preloaded.client import native
+
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if native.is_native(head):
+            config = native.read_config(path)
+            if config is None:
+                raise InstallError(f"{path} is not a starter written by py-preload bundle")
+            return config
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as exc:

@@ -6,8 +6,11 @@ report file named by its pid. The server reads that file when it reaps the pid, 
 that needed each module, and imports a module into itself, between runs and one per loop turn,
 once ``after`` runs needed it. The same fork-safety checks as for the bundle's modules apply: a
 module that starts threads, initialises CUDA, prints, warns or takes the server's signal
-handlers is refused for good and the server retires, so that the next run gets a fresh server
-without it. The learned and refused sets are kept in the cache per bundle.
+handlers is refused for good. The checks run first in a probe, a throw-away fork of the server
+(``preloaded.server.probe``): only modules the probe found clean are imported into the server,
+so an unsafe one is refused without restarting it. (Should a module the probe passed still be
+unsafe in the server, the server retires and the next run gets a fresh one without it.) The
+learned and refused sets are kept in the cache per bundle.
 
 Only modules whose files live in the standard library or a site-packages directory (the
 overlay included) are learned: never the user's own code (the script's directory, the cwd,
@@ -20,6 +23,8 @@ import json
 import os
 import sys
 import time
+
+from preloaded.server import probe as probes
 
 REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
 THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
@@ -147,6 +152,16 @@ def safe_import(name: str) -> float:
     return cost
 
 
+def verdict(name: str) -> tuple:
+    """``safe_import`` as a probe reports it: ("ok", ms), ("failed", why) or ("unsafe", why)."""
+    try:
+        return "ok", round(safe_import(name) * 1000, 1)
+    except ImportError as exc:
+        return "failed", str(exc)
+    except Unsafe as exc:
+        return "unsafe", str(exc)
+
+
 def _threads_left(before: int) -> bool:
     from preloaded.server.preload import thread_count
 
@@ -171,6 +186,9 @@ class Learner:
         self.pending: list = []  # names that reached ``after``, in the order runs imported them
         self.learned: dict = {}  # name -> import cost in ms (the names the server imports)
         self.refused: dict = {}  # name -> why
+        self.probe: probes.Probe | None = None  # the probe importing candidates, while one runs
+        self.cleared: list = []  # names a probe imported cleanly: imported here, in this order
+        self.sel = None  # the loop's selector, watching the probe's pipe
 
     # -- the saved set ---------------------------------------------------------------------
 
@@ -210,6 +228,7 @@ class Learner:
         """Clear the learned and refused sets, in memory and on disk; learn nothing more here."""
         self.counts.clear()
         self.pending.clear()
+        self.cleared.clear()
         self.learned.clear()
         self.refused.clear()
         self.enabled = False  # this server is retiring; its successor starts from nothing
@@ -276,7 +295,7 @@ class Learner:
             self._count(name)
 
     def _count(self, name: str) -> None:
-        if name in sys.modules or name in self.refused or name in self.pending or name in NEVER:
+        if name in sys.modules or name in self.refused or name in NEVER or self._queued(name):
             return
         if not _valid_name(name):
             return
@@ -285,15 +304,31 @@ class Learner:
             del self.counts[name]
             self.pending.append(name)
 
-    def step(self) -> str | None:
-        """Import the next pending module that is not already there.
+    def _queued(self, name: str) -> bool:
+        probing = self.probe is not None and name in self.probe.names
+        return probing or name in self.pending or name in self.cleared
 
-        Returns None when nothing was imported, "learned" after a safe import, "failed" after a
-        failed one (refused; the server keeps serving), "unsafe" when the server must retire
-        (the module is refused and saved as such).
+    def busy(self) -> bool:
+        """Modules on their way in: pending, being probed, or cleared and not yet imported."""
+        return bool(self.pending or self.cleared or self.probe)
+
+    def needs_turn(self) -> bool:
+        """Work for the server itself: a cleared module to import, or a probe to start."""
+        return bool(self.cleared) or (bool(self.pending) and self.probe is None)
+
+    def step(self, server_fds=(), sel=None) -> str | None:
+        """Import the next cleared module, or start a probe for the pending ones.
+
+        Returns None when nothing was done, "probing" when a probe was started (the caller
+        watches ``probe.fd``), "learned" after a safe import, "failed" after a failed one
+        (refused; the server keeps serving), "unsafe" when the server must retire (the module
+        is refused and saved as such). ``server_fds``: what a probe must close; ``sel``: the
+        loop's selector, which watches the probe's pipe.
         """
-        while self.pending:
-            name = self.pending.pop(0)
+        if not self.cleared and self.probe is None:
+            return self._start_probe(list(server_fds), sel)
+        while self.cleared:
+            name = self.cleared.pop(0)
             if name in sys.modules:
                 continue  # came with an earlier one
             try:
@@ -310,6 +345,70 @@ class Learner:
             return "learned"
         return None
 
+    # -- the probe -------------------------------------------------------------------------
+
+    def _start_probe(self, server_fds: list, sel) -> str | None:
+        names = [name for name in self.pending if name not in sys.modules]
+        self.pending.clear()
+        if not names:
+            return None
+        try:
+            self.probe = probes.start(names, server_fds, verdict)
+        except OSError as exc:  # dropped: later runs count them again
+            self.log(f"learn: cannot fork a probe ({exc.strerror}): not learning {len(names)}")
+            return None
+        self.sel = sel
+        if sel is not None:
+            import selectors
+
+            sel.register(self.probe.fd, selectors.EVENT_READ, self._probe_readable)
+        return "probing"
+
+    def _probe_readable(self, _fileobj) -> None:
+        """The probe's pipe is readable: take its verdicts; close it once the probe ended."""
+        verdicts, ended = self.probe.read()
+        for kind, name, detail in verdicts:
+            if kind == "ok":
+                self.cleared.append(name)
+            else:
+                self._refuse(name, str(detail))
+        if ended:
+            self._end_probe(overdue=False)
+
+    def check_probe(self, now: float) -> None:
+        """Kill a probe past its deadline; the module it is stuck in is refused."""
+        if self.probe is not None and now >= self.probe.deadline:
+            self._end_probe(overdue=True)
+
+    def stop_probe(self) -> None:
+        """The server stops: a running probe is killed, and what it said no longer matters."""
+        if self.probe is not None:
+            self._end_probe(overdue=True, judge=False)
+
+    def deadlines(self) -> list:
+        return [self.probe.deadline] if self.probe is not None else []
+
+    def probe_fds(self) -> list:
+        return [self.probe.fd] if self.probe is not None else []
+
+    def _end_probe(self, overdue: bool, judge: bool = True) -> None:
+        """Close the probe (killed when ``overdue``): the module it was stuck in is refused,
+        the names it did not reach wait for the next probe."""
+        probe, self.probe = self.probe, None
+        if self.sel is not None:
+            self.sel.unregister(probe.fd)
+        probe.close(kill=overdue)
+        if not judge:
+            return
+        if probe.current is not None:
+            why = f"did not finish in {probes.timeout():g} s" if overdue else "ended the probe"
+            self._refuse(probe.current, f"importing {probe.current} {why}")
+        elif not probe.done and probe.last is None:  # died before its first import: no retry
+            self.log(f"learn: the probe {probe.pid} ended before importing anything")
+            return
+        self.pending[0:0] = [name for name in probe.unreached() if name not in self.refused]
+
+
     def _refuse(self, name: str, reason: str) -> None:
         self.log(f"learn: refused {name}: {reason}")
         self.learned.pop(name, None)
@@ -320,6 +419,9 @@ class Learner:
         return {
             "enabled": self.enabled, "after": self.after, "learned": dict(self.learned),
             "refused": dict(self.refused), "pending": list(self.pending),
+            "probing": list(self.probe.names) if self.probe else [],
+            "probe": self.probe.pid if self.probe else None,
+            "cleared": list(self.cleared),
             "counts": dict(self.counts), "file": self.path,
         }  # fmt: skip
 

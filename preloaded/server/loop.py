@@ -147,26 +147,27 @@ class Server:
                 self.pool.refill()
 
     def _can_learn(self) -> bool:
-        """Learned modules are imported between runs: never while a run waits to be forked."""
-        if self.stopping or self.learner is None or not self.learner.pending:
+        """Learned modules are imported (probes forked) between runs, never while a run waits."""
+        if self.stopping or self.learner is None or not self.learner.needs_turn():
             return False
         return all(conn.pid is not None for conn in self.conns.values())
 
     def _learn_step(self) -> None:
-        """Import one learned module (one per loop turn: a client that comes waits for one)."""
+        """Import one learned module, or fork the probe that checks them first (one per loop
+        turn: a client that comes waits for one)."""
         if not self._can_learn():
             return
-        outcome = self.learner.step()
+        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
         if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
-        elif outcome is not None:  # learned, or failed after importing some of its dependencies
+        elif outcome in ("learned", "failed"):  # failed: after importing some dependencies?
             from preloaded.server import preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
-            if not self.learner.pending:
+            if not self.learner.busy():
                 self.write_info()
 
     def _timeout(self) -> float:
@@ -174,6 +175,7 @@ class Server:
             return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
         limits = [1.0]
+        limits += [deadline - now for deadline in self.learner.deadlines()]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)
         for conn in self.children.values():  # closed connections whose child awaits SIGKILL
@@ -197,6 +199,7 @@ class Server:
             if conn.kill_at is not None and now >= conn.kill_at:
                 kill(conn.pid, signal.SIGKILL, group=True)
                 conn.kill_at = None
+        self.learner.check_probe(now)
         if self.conns or self.children:
             self.last_active = now
         elif not self.stopping and now - self.last_active >= self.idle_timeout:
@@ -370,6 +373,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
     def _reap(self) -> None:
@@ -427,6 +431,8 @@ class Server:
         """
         self.stopping = True
         self.pool.discard_all()
+        if self.learner is not None:
+            self.learner.stop_probe()
         if self.listener is not None:
             # Only our own files: after the runtime dir was removed under us, a successor's are
             # there (removing its info file would hide it from `list` and `stop --all`).
