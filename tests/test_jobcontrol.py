@@ -107,8 +107,20 @@ def _wait_owned(sh, warm: bool) -> None:
     raise AssertionError("the foreground job never took the terminal")
 
 
-def _exes(light_bundle) -> list:
-    return [(PYTHON, False), (light_bundle, True)]
+@pytest.fixture(scope="module", params=["python", "native"])
+def starter(request):
+    """The Python starter, or the native one (which hands terminal runs to the Python one)."""
+    return request.getfixturevalue("light_bundle" if request.param == "python" else "native_bundle")
+
+
+@pytest.fixture(scope="module", params=["python", "native"])
+def pipe_starter(request):
+    """The Python starter, or the native one that cannot fall back to Python (conftest)."""
+    return request.getfixturevalue("light_bundle" if request.param == "python" else "native_strict")
+
+
+def _exes(starter) -> list:
+    return [(PYTHON, False), (starter, True)]
 
 
 # -- background runs in an interactive shell --------------------------------------------------
@@ -134,9 +146,9 @@ def _background_prints(sh, exe: str, script: str) -> tuple:
     return lines, status, _stty(sh) == before
 
 
-def test_background_run_prints_and_exits(shell, light_bundle, tmp_path):
+def test_background_run_prints_and_exits(shell, starter, tmp_path):
     script = _script(tmp_path, "prints.py", PRINTS)
-    results = [_background_prints(shell(), exe, script) for exe, _warm in _exes(light_bundle)]
+    results = [_background_prints(shell(), exe, script) for exe, _warm in _exes(starter)]
     assert results[0] == (["line 0\r\n", "line 1\r\n", "line 2\r\n"], 3, True)
     assert results[1] == results[0]
 
@@ -179,9 +191,9 @@ def _ctrl_z_bg_fg(sh, exe: str, script: str) -> tuple:
     return stopped, running_bg, _status(sh), _stty(sh) == before
 
 
-def test_ctrl_z_then_bg_keeps_running_then_fg(shell, light_bundle, tmp_path):
+def test_ctrl_z_then_bg_keeps_running_then_fg(shell, starter, tmp_path):
     script = _script(tmp_path, "counter.py", COUNTER)
-    results = [_ctrl_z_bg_fg(shell(), exe, script) for exe, _warm in _exes(light_bundle)]
+    results = [_ctrl_z_bg_fg(shell(), exe, script) for exe, _warm in _exes(starter)]
     assert results[0] == ("T", True, 130, True)
     assert results[1] == results[0]
 
@@ -215,10 +227,10 @@ def _background_then_fg_input(sh, exe: str, warm: bool, script: str, flag) -> tu
     return echoed, status, _stty(sh) == before
 
 
-def test_background_then_fg_then_typing(shell, light_bundle, tmp_path):
+def test_background_then_fg_then_typing(shell, starter, tmp_path):
     script = _script(tmp_path, "reads_later.py", READS_LATER)
     results = []
-    for i, (exe, warm) in enumerate(_exes(light_bundle)):
+    for i, (exe, warm) in enumerate(_exes(starter)):
         results.append(_background_then_fg_input(shell(), exe, warm, script, tmp_path / f"go{i}"))
     assert results[0] == ("hello\r\n", 0, True)
     assert results[1] == results[0]
@@ -256,14 +268,14 @@ def _background_read_stops(sh, exe: str, warm: bool, script: str) -> tuple:
     return stopped, jobs, _status(sh), _stty(sh) == before
 
 
-def test_background_read_stops_the_run_until_fg(shell, light_bundle, tmp_path):
+def test_background_read_stops_the_run_until_fg(shell, starter, tmp_path):
     script = _script(tmp_path, "reads.py", READS_AT_ONCE)
     results = [_background_read_stops(shell(), exe, warm, script)
-               for exe, warm in _exes(light_bundle)]  # fmt: skip
+               for exe, warm in _exes(starter)]  # fmt: skip
     assert results[0][:1] == ("T",) and "Stopped (tty input)" in results[0][1]
     assert results[0][2:] == (0, True)
     assert results[1][0] == "T" and results[1][2:] == results[0][2:]
-    assert results[1][1] == results[0][1].replace(PYTHON, light_bundle)
+    assert results[1][1] == results[0][1].replace(PYTHON, starter)
 
 
 # Ends only once the test says so: a warm run is stopped just after its first write reached
@@ -301,10 +313,10 @@ def _tostop(sh, exe: str, script: str, pidfile) -> tuple:
     return stopped, "Stopped (tty output)" in jobs, shown_early, status, same
 
 
-def test_background_write_under_tostop_stops_the_run(shell, light_bundle, tmp_path):
+def test_background_write_under_tostop_stops_the_run(shell, starter, tmp_path):
     script = _script(tmp_path, "tostop.py", TOSTOP)
     results = [_tostop(shell(), exe, script, tmp_path / f"pid{i}")
-               for i, (exe, _warm) in enumerate(_exes(light_bundle))]  # fmt: skip
+               for i, (exe, _warm) in enumerate(_exes(starter))]  # fmt: skip
     assert results[0] == ("T", True, False, 0, True)
     assert results[1] == results[0]
 
@@ -319,11 +331,11 @@ sys.exit(4)
 
 
 @pytest.mark.parametrize("redirect", ["> {log} 2>&1", "| tee {log}"], ids=["to-file", "tee"])
-def test_background_run_with_stdin_on_the_terminal(shell, light_bundle, tmp_path, redirect):
+def test_background_run_with_stdin_on_the_terminal(shell, starter, tmp_path, redirect):
     """`train.py > log 2>&1 &`, `train.py | tee log &`: only stdin is the terminal; it runs."""
     script = _script(tmp_path, "quiet.py", QUIET)
     results = []
-    for i, (exe, _warm) in enumerate(_exes(light_bundle)):
+    for i, (exe, _warm) in enumerate(_exes(starter)):
         sh = shell()
         log = tmp_path / f"log{i}"
         before = _stty(sh)
@@ -375,12 +387,12 @@ def _script_run(exe: str, args: list, ready, out, signame: str, prefix: str = ""
 
 
 @pytest.mark.parametrize("signame, prefix", [("INT", ""), ("QUIT", ""), ("HUP", "nohup")])
-def test_signal_the_caller_ignored_reaches_a_handler(light_bundle, tmp_path, signame, prefix):
+def test_signal_the_caller_ignored_reaches_a_handler(pipe_starter, tmp_path, signame, prefix):
     """A script's `cmd &` starts with SIGINT and SIGQUIT ignored, nohup's with SIGHUP: the
     program starts with them ignored (as python), and a handler it installs then gets them."""
     script = _script(tmp_path, "handles.py", HANDLES)
     results = []
-    for i, (exe, _warm) in enumerate(_exes(light_bundle)):
+    for i, (exe, _warm) in enumerate(_exes(pipe_starter)):
         ready, out = tmp_path / f"ready{i}", tmp_path / f"out{i}"
         results.append(_script_run(exe, [script, str(ready), f"SIG{signame}"], ready, out,
                                    signame, prefix))  # fmt: skip
@@ -394,12 +406,12 @@ async def app(scope, receive, send):
 """
 
 
-def test_uvicorn_in_a_script_stops_on_sigint(light_bundle, tmp_path):
+def test_uvicorn_in_a_script_stops_on_sigint(pipe_starter, tmp_path):
     """`STARTER -m uvicorn app:app & ... kill -INT $!`: uvicorn shuts down, `wait` returns."""
     pytest.importorskip("uvicorn")
     _script(tmp_path, "app.py", UVICORN_APP)
     results = []
-    for i, (exe, _warm) in enumerate(_exes(light_bundle)):
+    for i, (exe, _warm) in enumerate(_exes(pipe_starter)):
         out = tmp_path / f"out{i}"
         ready = tmp_path / f"ready{i}"  # the log's "startup complete" line, copied by a watcher
         watcher = subprocess.Popen(["bash", "-c", f'until grep -q "startup complete" {out} '
@@ -431,6 +443,8 @@ def _stop_cont(exe: str, script: str) -> tuple:
     try:
         pid = int(proc.stdout.readline().split()[1])
         running = _wait_state(pid, "SR")
+        proc.send_signal(signal.SIGCONT)  # alone: the program's handler runs, as under python
+        alone = proc.stdout.readline()
         proc.send_signal(signal.SIGSTOP)
         stopped = _wait_state(pid, "T")
         proc.send_signal(signal.SIGCONT)
@@ -440,15 +454,15 @@ def _stop_cont(exe: str, script: str) -> tuple:
         proc.wait(TIMEOUT)
         assert proc.returncode == -signal.SIGTERM, proc.stderr.read()
         running, resumed = ("run" if s in "SR" else s for s in (running, resumed))
-        return running, stopped, resumed, line, proc.returncode
+        return running, alone, stopped, resumed, line, proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
 
 
-def test_stop_and_cont_sent_to_the_starter_pause_the_program(light_bundle, tmp_path):
+def test_stop_and_cont_sent_to_the_starter_pause_the_program(pipe_starter, tmp_path):
     script = _script(tmp_path, "stoppable.py", STOPPABLE)
-    results = [_stop_cont(exe, script) for exe, _warm in _exes(light_bundle)]
-    assert results[0] == ("run", "T", "run", "got SIGCONT\n", -signal.SIGTERM)
+    results = [_stop_cont(exe, script) for exe, _warm in _exes(pipe_starter)]
+    assert results[0] == ("run", "got SIGCONT\n", "T", "run", "got SIGCONT\n", -signal.SIGTERM)
     assert results[1] == results[0]

@@ -71,7 +71,7 @@ def suspend(sock, relay, signum: int = _signal.SIGTSTP) -> None:
     stopped (SIGTTIN, SIGTTOU): the shell then shows the job stopped for the same reason. The
     child's process group is orphaned (its parent, the server, is in another session), so the
     kernel discards SIGTSTP there: the child gets SIGSTOP instead. On SIGCONT (``fg`` or
-    ``bg``) the relay takes the terminal again only if it is ours, and the child continues.
+    ``bg``) the relay takes the terminal again only if it is ours, and the SIGCONT is forwarded.
     """
     send_signal(sock, _signal.SIGSTOP)
     if relay:
@@ -82,4 +82,5 @@ def suspend(sock, relay, signum: int = _signal.SIGTSTP) -> None:
     _signal.signal(signum, previous)
     if relay:
         relay.resume()
-    send_signal(sock, _signal.SIGCONT)
+    # The child continues when our SIGCONT handler's wakeup is read: it forwards the signal
+    # (sending it here as well would run a handler the program has for SIGCONT twice).

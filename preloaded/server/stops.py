@@ -3,9 +3,10 @@ would pause python, and SIGCONT resumes it.
 
 SIGSTOP cannot be caught, so the client cannot forward it; the server looks instead: while runs
 are going, every WATCH_INTERVAL, it reads the state of each run's client (its pid comes from
-SO_PEERCRED) in /proc/<pid>/stat, and stops or continues the child's process group when that
-state changes. (A client that stops itself, Ctrl-Z or a background read, stops its child first;
-this sees it too and does nothing more.)
+SO_PEERCRED) in /proc/<pid>/stat, and stops the child's process group when the client is seen
+stopped. The client forwards the SIGCONT that continues it; this continues the child only if it
+is still stopped then. (A client that stops itself, Ctrl-Z or a background read, stops its child
+first; this sees it too and does nothing more.)
 """
 
 from __future__ import annotations
@@ -35,9 +36,15 @@ class ClientStops:
             if conn.closed or not conn.client_pid:
                 continue
             stopped = _stopped(conn.client_pid)
-            if stopped != conn.client_stopped:
-                conn.client_stopped = stopped
-                kill(pid, signal.SIGSTOP if stopped else signal.SIGCONT, group=True)
+            if stopped == conn.client_stopped:
+                continue
+            conn.client_stopped = stopped
+            if stopped:
+                kill(pid, signal.SIGSTOP, group=True)
+            elif _stopped(pid):
+                # The client forwards the SIGCONT that continued it; only if that did not come
+                # (yet) do we send one: a second one would run a SIGCONT handler twice.
+                kill(pid, signal.SIGCONT, group=True)
 
 
 def peer_pid(sock: socket.socket) -> int | None:
