@@ -50,7 +50,8 @@ def wait_learned(env: dict, bundle: str, timeout: float = 300) -> tuple:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
         st = json.loads(cli(env, "status", "--json", bundle))
-        if not st["learn"]["pending"]:
+        learn = st["learn"]  # pending, being probed, or cleared and not yet imported
+        if not (learn["pending"] or learn.get("probing") or learn.get("cleared")):
             return time.perf_counter() - start, st
         time.sleep(0.05)
     raise SystemExit("the server did not finish learning")

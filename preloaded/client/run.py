@@ -101,6 +101,8 @@ def run(config: dict, bundle: str, cmd, args: list):
             raise
         finally:
             signals.restore(redeliver=not started)
+        if "cold" in reply:  # the server says python must run it (the reason is in its log)
+            raise Fallback()
         if reply.get("error") != "stale":
             raise Fallback(f"the server refused the run: {reply.get('error')}")
         # The server noticed its environment changed and is retiring: start a fresh one.

@@ -20,7 +20,7 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import fastexit, learn, stdio
+from preloaded.server import fastexit, learn, proctitle, stdio
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
@@ -108,6 +108,7 @@ def _serve(request: dict, fds: list, setup: Setup) -> int:
     """The run itself, once handed over: stdio, environment, the command, python's ending."""
     stdio.install_stdio(request, fds, setup)
     _apply_environment(request, setup)
+    _look_like_python(request)
     status = _finalize(_execute(request))
     learn.report(setup, request["cwd"])
     return status
@@ -194,18 +195,37 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     _reseed()
 
 
+def _look_like_python(request: dict) -> None:
+    """``ps``, ``top``, ``pgrep -f`` and /proc show python's command line, environment and
+    name for this process, not the server's (see proctitle.py)."""
+    try:
+        proctitle.become(request["orig_argv"], request["env"])
+    except Exception:  # cosmetic to the run itself: never a reason for it to fail
+        pass
+
+
 def _path0(request: dict) -> str:
     mode = request["mode"]
     if mode == "module":
         return os.getcwd()
     if mode != "script":
         return ""
-    path = os.path.abspath(request["target"])
+    path = _abspath(request["target"])
     if os.path.isdir(path) or not path.endswith((".py", ".pyw")) and _is_zip(path):
-        return path  # a directory or zip with __main__.py is itself sys.path[0]
+        return path  # a directory or zip with __main__.py is itself sys.path[0], as given
     # Python takes the directory of the script's real path: symlinks (of the file and of its
     # directories) are resolved and ".." collapsed.
     return os.path.dirname(os.path.realpath(path))
+
+
+def _abspath(path: str) -> str:
+    """The script's path as python makes it absolute (``_Py_abspath``): the cwd joined to it,
+    not normalised (``./sub/f.py`` gives ``/cwd/./sub/f.py``, which ``__file__`` shows)."""
+    if path in ("", "."):
+        return os.getcwd()
+    if os.path.isabs(path):
+        return path
+    return os.path.join(os.getcwd(), path)
 
 
 def _is_zip(path: str) -> bool:
@@ -299,7 +319,7 @@ def _run_main(main: types.ModuleType, request: dict, inspect: bool) -> int:
             exec(compile(target, "<string>", "exec", dont_inherit=True), main.__dict__)
         elif mode == "module":
             runpy._run_module_as_main(target, alter_argv=True)
-        elif mode == "script" and sys.path[0] == os.path.abspath(target):
+        elif mode == "script" and sys.path[0] == _abspath(target):
             runpy._run_module_as_main("__main__", alter_argv=False)  # a directory or zip app
         else:
             filename, source = _read_file(main, mode, target)
@@ -329,12 +349,12 @@ def _read_file(main: types.ModuleType, mode: str, target: str) -> tuple:
         main.__file__ = "<stdin>"
         main.__cached__ = None
         return "<stdin>", sys.stdin.buffer.read() if sys.stdin else b""
-    path = os.path.abspath(target)
+    path = _abspath(target)
     try:
         with open(path, "rb") as f:
             source = f.read()
-    except OSError as exc:
-        sys.stderr.write(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] "
+    except OSError as exc:  # python names its program_name: its argv[0], as a cold run gets it
+        sys.stderr.write(f"{sys.orig_argv[0]}: can't open file {path!r}: [Errno {exc.errno}] "
                          f"{exc.strerror}\n")
         raise SystemExit(2) from None
     from importlib.machinery import SourceFileLoader

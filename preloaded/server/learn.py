@@ -29,7 +29,8 @@ from preloaded.server import probe as probes
 REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
 THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
 # Never learned: importing readline changes input() on a terminal for every later run, and the
-# interactive prompt (preloaded.repl) imports it in every REPL run.
+# interactive prompt (preloaded.repl) imports it in every REPL run. Nor pytest, coverage or a
+# pytest plugin's modules (tools.never_learned): their presence changes how those tools start.
 NEVER = frozenset({"readline", "rlcompleter"})
 REFUSED_ENV = "PY_PRELOAD_REFUSED"  # names refused by the image that restarted this server
 
@@ -123,9 +124,11 @@ def safe_import(name: str) -> float:
     import signal
     import warnings
 
+    from preloaded.server import tools
     from preloaded.server.preload import HANDLED, cuda_initialised, thread_count
 
     handlers = [signal.getsignal(s) for s in HANDLED]
+    before = set(sys.modules)
     threads = thread_count()
     out = io.StringIO()
     start = time.perf_counter()
@@ -149,6 +152,9 @@ def safe_import(name: str) -> float:
         raise Unsafe(f"importing {name} printed {out.getvalue()[:80]!r}")
     if [signal.getsignal(s) for s in HANDLED] != handlers:
         raise Unsafe(f"importing {name} changed signal handlers")
+    tool = sorted((set(sys.modules) - before) & tools.tool_modules())
+    if tool:  # e.g. a library that imports a pytest plugin: pytest runs would all go cold
+        raise Unsafe(f"importing {name} imported {tool[0]} (a pytest or coverage module)")
     return cost
 
 
@@ -264,6 +270,11 @@ class Learner:
         for name in list(self.learned):
             if name in sys.modules or name in self.refused:
                 continue
+            if never_learned(name):  # learned by an older py-preload: drop it
+                self.log(f"learn: dropped {name}: never learned")
+                del self.learned[name]
+                self.save()
+                continue
             try:
                 self.learned[name] = round(safe_import(name) * 1000, 1)
             except ImportError as exc:  # uninstalled since: drop it (runs may teach it again)
@@ -295,9 +306,9 @@ class Learner:
             self._count(name)
 
     def _count(self, name: str) -> None:
-        if name in sys.modules or name in self.refused or name in NEVER or self._queued(name):
+        if name in sys.modules or name in self.refused or self._queued(name):
             return
-        if not _valid_name(name):
+        if not _valid_name(name) or never_learned(name):
             return
         self.counts[name] = self.counts.get(name, 0) + 1
         if self.counts[name] >= self.after:
@@ -424,6 +435,12 @@ class Learner:
             "cleared": list(self.cleared),
             "counts": dict(self.counts), "file": self.path,
         }  # fmt: skip
+
+
+def never_learned(name: str) -> bool:
+    from preloaded.server import tools
+
+    return name in NEVER or tools.never_learned(name)
 
 
 def _valid_name(name: str) -> bool:

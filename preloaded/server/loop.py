@@ -22,7 +22,7 @@ from preloaded import wire
 from preloaded.paths import Paths
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
-from preloaded.server import startup
+from preloaded.server import startup, tools
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
 from preloaded.server.stops import ClientStops, peer_pid
@@ -305,6 +305,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
+        if tools.sent_back_cold(conn, frame, log):  # python itself must run it
+            return self._close(conn)
         self._fork(conn, frame)
 
     def _handle_command(self, conn: Conn, frame: dict) -> None:
