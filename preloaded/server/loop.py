@@ -25,7 +25,7 @@ from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server import startup, tools
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
-from preloaded.server.stops import ClientStops, peer_pid
+from preloaded.server.stops import ClientStops
 
 ALREADY_RUNNING = 3
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
@@ -174,7 +174,7 @@ class Server:
         if self._can_learn():
             return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
-        limits = [1.0]
+        limits = [1.0, self.stops.due_in(self.children, now)]
         limits += [deadline - now for deadline in self.learner.deadlines()]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)
@@ -183,8 +183,6 @@ class Server:
                 limits.append(conn.kill_at - now)
         if not self.conns and not self.children:
             limits.append(self.last_active + self.idle_timeout - now)
-        if self.children:
-            limits.append(self.stops.next - now)
         refill = self._refill_in(now)
         if refill is not None:
             limits.append(refill)
@@ -247,7 +245,6 @@ class Server:
                 continue
             sock.setblocking(False)
             conn = Conn(sock)
-            conn.client_pid = peer_pid(sock)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
 

@@ -26,6 +26,10 @@ class ClientStops:
     def __init__(self) -> None:
         self.next = 0.0  # when to look again
 
+    def due_in(self, children: dict, now: float) -> float:
+        """Seconds until ``check`` wants to look again (a long time when no run is going)."""
+        return self.next - now if children else 3600.0
+
     def check(self, children: dict) -> None:
         """Look at the clients of ``children`` (pid -> Conn) if it is time; follow their stops."""
         now = time.monotonic()
@@ -33,6 +37,8 @@ class ClientStops:
             return
         self.next = now + WATCH_INTERVAL
         for pid, conn in children.items():
+            if conn.client_pid is None and not conn.closed:  # what it was at connect()
+                conn.client_pid = peer_pid(conn.sock) or 0
             if conn.closed or not conn.client_pid:
                 continue
             stopped = _stopped(conn.client_pid)
