@@ -89,7 +89,8 @@ def report(res: dict, args) -> bool:
         ("PYTHONIOENCODING set (native: fallback)", s["fallback"], s["python_ioenc"]),
     ]  # fmt: skip
     for name, native, python in rows:
-        if name.startswith(("warm script", "warm -c", "16 concurrent warm", "PYTHONIO")):
+        if name in ("warm script", "warm -c pass", "16 concurrent warm runs (wall)") \
+                or name.startswith("PYTHONIO"):
             print(f"  {name:<40} {ms(native):>10} {ms(python):>10}")
         else:
             print(f"  {name:<40} {native:>9.2f}x {python:>9.2f}x")

@@ -242,6 +242,26 @@ def test_refused_or_stale_goes_through_the_python_starter(starters, answer):
     assert len(nat_requests) == len(py_requests) + 1
 
 
+@pytest.mark.parametrize("overlay", [False, True], ids=["plain", "overlay"])
+def test_cold_reply_runs_python(starters, tmp_path, overlay):
+    """{"cold": why}: python runs the command itself. Without an overlay the C client execs it
+    directly (strict: no Python starter involved); with one it leaves the overlay check to the
+    Python starter."""
+    config = {}
+    if overlay:
+        directory = tmp_path / "overlay"
+        directory.mkdir()
+        (directory / ".py-preload-complete").write_text("")
+        config = {"overlay": str(directory), "requirements": ["x"], "installer": PYTHON}
+    code = "import os, sys; print('cold', sys.argv, os.environ.get('PYTHONPATH'))"
+    results = both(starters, frame({"cold": "a tool that must see a fresh interpreter"}),
+                   ["-c", code, "a"], config=config, env=ENV, strict=not overlay)  # fmt: skip
+    (py, py_requests), (nat, nat_requests) = results["python"], results["native"]
+    assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
+    assert py.returncode == 0 and py.stdout.startswith(b"cold ['-c', 'a']")
+    assert len(nat_requests) == len(py_requests) + overlay
+
+
 def _ready(proc) -> int:
     line = proc.stdout.readline()
     assert line.startswith(b"ready "), (line, proc.stderr.read() if proc.poll() else b"")

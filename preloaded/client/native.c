@@ -99,6 +99,16 @@ static void exec_python(char **argv) {
     die(what, strerror(errno));
 }
 
+/* Replace this process with the real interpreter running the same command (starter.py
+ * exec_cold, for a bundle without an overlay: the environment is the caller's as it is). */
+static void exec_cold(char **argv) {
+    argv[0] = (char *)config.python;
+    execv(config.python, argv);
+    char what[4200];
+    snprintf(what, sizeof what, "cannot run %s", config.python);
+    die(what, strerror(errno));
+}
+
 /* ---- the configuration ----------------------------------------------------------------- */
 
 static int read_at(int fd, char *buf, size_t size, off_t offset) {
@@ -613,7 +623,7 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, stale;
+    int started, has_exit, has_signal, has_error, stale, cold;
     long long exit, signal;
     char error[1024];
 };
@@ -831,6 +841,7 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                            : strcmp(key, "exit") == 0   ? &r->has_exit
                            : strcmp(key, "signal") == 0 ? &r->has_signal
                            : strcmp(key, "error") == 0  ? &r->has_error
+                           : strcmp(key, "cold") == 0   ? &r->cold
                                                         : NULL;
             if (present)
                 *present = 1;
@@ -1124,9 +1135,12 @@ int main(int argc, char **argv) {
         wait_for_status(sock);
         return 1; /* not reached */
     }
-    /* Stale, refused, or no answer: the Python client retries, starts a server or says why. */
     close(sock);
     restore_handlers();
+    if (rc == 1 && first.cold && !config.overlay[0])
+        exec_cold(argv); /* the server says python must run it (the reason is in its log) */
+    /* Stale, refused, or no answer: the Python client retries, starts a server or says why;
+     * with an overlay, its cold run checks that the overlay is installed first. */
     exec_python(argv);
     return 127;
 }

@@ -47,16 +47,36 @@ def compiler() -> list:
 
 
 def build(extra_flags=(), cc=None) -> str:
-    """The compiled client (from the cache when this source was compiled the same way)."""
+    """The compiled client (from the cache when this source was compiled the same way).
+
+    Linked statically where the C library allows it (no dynamic loader at start: ~0.35 ms of
+    a run here), else dynamically; sanitized builds (``extra_flags``) are always dynamic.
+    """
     cc = list(cc) if cc else compiler()
-    flags = FLAGS + list(extra_flags)
+    if not extra_flags:
+        static = _cached(cc, FLAGS + ["-static"])
+        if not os.path.exists(static + ".failed"):
+            try:
+                return _build(cc, FLAGS + ["-static"])
+            except BuildError:  # no static C library (libc.a): the dynamic build works as well
+                os.makedirs(os.path.dirname(static), mode=0o700, exist_ok=True)
+                open(static + ".failed", "w").close()  # not tried again for this source
+    return _build(cc, FLAGS + list(extra_flags))
+
+
+def _cached(cc: list, flags: list) -> str:
+    """Where the build of this source with ``cc`` and ``flags`` is cached."""
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, *map(os.fsencode, cc + flags)])).hexdigest()[:16]
-    directory = os.path.join(cache_dir(), "native")
-    binary = os.path.join(directory, f"py-preload-native-{key}")
+    return os.path.join(cache_dir(), "native", f"py-preload-native-{key}")
+
+
+def _build(cc: list, flags: list) -> str:
+    binary = _cached(cc, flags)
     if os.path.exists(binary):
         return binary
+    directory = os.path.dirname(binary)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", dir=directory)
     os.close(fd)
