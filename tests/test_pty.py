@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import termios
 import time
 
@@ -76,6 +77,28 @@ def test_repl_banner_like_python(spawn, light_bundle):
     warm = _banner(spawn, light_bundle)
     assert warm.startswith("Python ") and 'Type "help", "copyright"' in warm
     assert warm == _banner(spawn, PYTHON)
+
+
+def _pyrepl_session(spawn, exe: str) -> tuple:
+    """A short session on a terminal that python 3.13's new REPL can drive: its raw output."""
+    child = spawn(exe, env=_env("xterm"))
+    child.expect_exact(">>> ")
+    for line in ("1+1", "def f():", "return 1/0", "", "f()"):
+        child.send(line + "\r")
+        time.sleep(0.3)  # the new REPL redraws per key: same pace for both
+    child.expect_exact("ZeroDivisionError")
+    child.send("exit()\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.before, child.exitstatus
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="python 3.13's new REPL")
+def test_new_repl_like_python(spawn, light_bundle):
+    """Guards against the basic prompt where python 3.13 runs its new REPL (colours, redraws)."""
+    warm = _pyrepl_session(spawn, light_bundle)
+    assert "\x1b[" in warm[0] and warm[1] == 0
+    assert warm == _pyrepl_session(spawn, PYTHON)
 
 
 @pytest.mark.parametrize("ending, status", [("\x04", 0), ("exit()\r", 0), ("quit(3)\r", 3)])

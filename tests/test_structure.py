@@ -112,3 +112,17 @@ def test_no_class_over_400_lines():
             if isinstance(node, ast.ClassDef):
                 lines = node.end_lineno - node.lineno + 1
                 assert lines <= MAX_CLASS_LINES, f"{name}.{node.name}: {lines} lines"
+
+
+def test_claimed_pythons_are_the_tested_ones():
+    """pyproject's requires-python admits exactly 3.11 (bin/test) and bin/test-versions' list."""
+    import re
+
+    from packaging.specifiers import SpecifierSet
+
+    root = PKG.parent
+    spec = SpecifierSet(re.search(r'requires-python = "([^"]+)"',
+                                  (root / "pyproject.toml").read_text()).group(1))  # fmt: skip
+    claimed = {f"3.{minor}" for minor in range(6, 20) if f"3.{minor}.0" in spec}
+    listed = re.search(r"VERSIONS=\(([^)]*)\)", (root / "bin" / "test-versions").read_text())
+    assert claimed == set(listed.group(1).split()) | {"3.11"}

@@ -316,6 +316,10 @@ def _run_main(main: types.ModuleType, request: dict, inspect: bool) -> int:
     file_run = False  # a script or stdin run by python's _PyRun_SimpleFileObject
     try:
         if mode == "code":  # dont_inherit: this module's __future__ imports are not theirs
+            if sys.version_info >= (3, 13):  # python keeps -c's source for its tracebacks
+                import linecache
+
+                linecache._register_code("<string>", target, "<string>")
             exec(compile(target, "<string>", "exec", dont_inherit=True), main.__dict__)
         elif mode == "module":
             runpy._run_module_as_main(target, alter_argv=True)
@@ -371,14 +375,24 @@ def _system_exit_status(exc: SystemExit) -> int:
     if code is None:
         return 0
     if isinstance(code, int):
-        return code & 0xFF if -(2**63) <= code < 2**63 else 0xFF
+        if -(2**63) <= code < 2**63:
+            return code & 0xFF
+        if sys.version_info >= (3, 13):  # python reports the failed C long conversion late
+            _write_stderr("Exception ignored on threading shutdown:\n")
+        if sys.version_info >= (3, 12):
+            _write_stderr("OverflowError: Python int too large to convert to C long\n")
+        return 0xFF
+    _write_stderr(f"{code}\n")
+    return 1
+
+
+def _write_stderr(text: str) -> None:
     stderr = sys.stderr
     if stderr is not None and not getattr(stderr, "closed", False):
         try:
-            stderr.write(f"{code}\n")
+            stderr.write(text)
         except Exception:
             pass
-    return 1
 
 
 def _report(exc: BaseException) -> int:

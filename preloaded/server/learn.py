@@ -28,10 +28,12 @@ from preloaded.server import probe as probes
 
 REPORT_LIMIT = 1 << 20  # bytes: a report larger than this is ignored
 THREAD_GRACE = 0.3  # seconds a new thread gets to end before the import counts as unsafe
-# Never learned: importing readline changes input() on a terminal for every later run, and the
-# interactive prompt (preloaded.repl) imports it in every REPL run. Nor pytest, coverage or a
-# pytest plugin's modules (tools.never_learned): their presence changes how those tools start.
-NEVER = frozenset({"readline", "rlcompleter"})
+# Never learned (nor their submodules): importing readline changes input() on a terminal for
+# every later run, and the interactive prompt (preloaded.server.repl) imports it in every REPL
+# run; python 3.13's REPL decides at its first import whether it can drive the terminal. Nor
+# pytest, coverage or a pytest plugin's modules (tools.never_learned): their presence changes
+# how those tools start.
+NEVER = frozenset({"readline", "rlcompleter", "_pyrepl"})
 REFUSED_ENV = "PY_PRELOAD_REFUSED"  # names refused by the image that restarted this server
 
 
@@ -440,7 +442,7 @@ class Learner:
 def never_learned(name: str) -> bool:
     from preloaded.server import tools
 
-    return name in NEVER or tools.never_learned(name)
+    return name.partition(".")[0] in NEVER or tools.never_learned(name)
 
 
 def _valid_name(name: str) -> bool:

@@ -20,9 +20,9 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
+from preloaded.server import startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
-from preloaded.server import startup, tools
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
 from preloaded.server.stops import ClientStops

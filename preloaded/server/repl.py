@@ -31,6 +31,11 @@ def interact(main, quiet: bool, startup: bool) -> None:
             hook()
         except Exception:
             sys.excepthook(*sys.exc_info())
+    if _use_pyrepl():
+        from _pyrepl.main import interactive_console
+
+        interactive_console(main)  # python 3.13's REPL on a terminal; SystemExit propagates
+        return
     console = _Console(main.__dict__, filename="<stdin>")
     for name, default in (("ps1", ">>> "), ("ps2", "... ")):
         if not hasattr(sys, name):
@@ -38,8 +43,44 @@ def interact(main, quiet: bool, startup: bool) -> None:
     console.interact(banner="", exitmsg="")
 
 
+def _use_pyrepl() -> bool:
+    """Python 3.13+ runs its new REPL (_pyrepl) when stdin is a terminal it can drive, unless
+    PYTHON_BASIC_REPL is set; its fallback, the C REPL, would run the full teardown on exit()."""
+    if sys.version_info < (3, 13) or os.environ.get("PYTHON_BASIC_REPL") or not os.isatty(0):
+        return False
+    try:
+        from _pyrepl import main as pyrepl  # decided at its first import: in this child
+    except ImportError:
+        return False
+    if not pyrepl.CAN_USE_PYREPL:  # TERM=dumb, say: python says why, then runs the basic REPL
+        sys.stderr.write(pyrepl.FAIL_REASON + "\n")
+        sys.stderr.flush()
+    return pyrepl.CAN_USE_PYREPL
+
+
 class _Console(code.InteractiveConsole):
-    """``code.InteractiveConsole`` with the C REPL's rules for prompts and flushing."""
+    """``code.InteractiveConsole`` with the C REPL's rules for prompts, flushing and (3.13+)
+    source lines in tracebacks."""
+
+    statements = 0  # 3.13+: each statement is compiled as "<stdin>-N" and kept in linecache
+
+    def runsource(self, source, filename="<input>", symbol="single") -> bool:
+        if sys.version_info < (3, 13):
+            return super().runsource(source, filename, symbol)
+        try:
+            code = self.compile(source, filename, symbol)  # errors name "<stdin>", as python's
+        except (OverflowError, SyntaxError, ValueError):
+            self.showsyntaxerror(filename)
+            return False
+        if code is None:
+            return True  # more input needed
+        import linecache
+
+        name = f"<stdin>-{self.statements}"
+        self.statements += 1
+        linecache._register_code(name, source, "<stdin>")
+        self.runcode(compile(source, name, symbol, self.compile.compiler.flags, True))
+        return False
 
     def raw_input(self, prompt: str = "") -> str:
         if os.isatty(0) and os.isatty(1):

@@ -81,7 +81,7 @@ def flush_std_files() -> bool:
         try:
             stdout.flush()
         except Exception as exc:
-            _write_unraisable(stdout, exc)
+            _write_unraisable(stdout, exc, "on flushing sys.stdout")
             ok = False
     if stderr is not None and not getattr(stderr, "closed", True):
         try:
@@ -91,9 +91,14 @@ def flush_std_files() -> bool:
     return ok
 
 
-def _write_unraisable(obj, exc: BaseException) -> None:
+def _write_unraisable(obj, exc: BaseException, where: str) -> None:
+    """Python's "Exception ignored" report (3.13 says where, older versions name the object)."""
+    if sys.version_info >= (3, 13):
+        ignored = f"Exception ignored {where}:"
+    else:
+        ignored = f"Exception ignored in: {obj!r}"
     try:
-        sys.stderr.write(f"Exception ignored in: {obj!r}\n{type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"{ignored}\n{type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
     except Exception:
         pass
