@@ -232,6 +232,16 @@ sys.stdin.read()
 """
 
 
+TERM = """\
+import signal, sys
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+print("ready", flush=True)
+sys.stdin.readline()
+print(len(got), "SIGTERM")
+"""
+
+
 def process_view(argv: list, cwd, marker: str) -> dict:
     """Start ``argv`` (a program that prints its pid and waits for stdin to close); what ps,
     pgrep and /proc show of the process that runs the program."""
@@ -250,22 +260,40 @@ def process_view(argv: list, cwd, marker: str) -> dict:
             comm = f.read()
         with open(f"/proc/{pid}/environ", "rb") as f:
             environ = f.read()
-        return {"ps": ps, "pgrep finds it": str(pid) in pgrep, "cmdline": cmdline,
+        return {"ps": ps, "pgrep finds it alone": pgrep == [str(pid)], "cmdline": cmdline,
                 "comm": comm, "environ": environ}  # fmt: skip
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
 
 
-def test_ps_pgrep_and_proc_show_the_program(light_bundle, tmp_path):
+@pytest.mark.parametrize("client", ["python", "native"])
+def test_ps_pgrep_and_proc_show_the_program(client, light_bundle, native_bundle, tmp_path):
     """Guards against ps/top/pgrep -f showing the server's command line (python -c "import sys;
-    ...preloaded.server.loop..." <json>) for the process that runs the script."""
+    ...preloaded.server.loop..." <json>) for the process that runs the script, and against
+    pgrep -f also finding the starter (pkill -f would signal the program twice)."""
+    starter = light_bundle if client == "python" else native_bundle
     write_tree(tmp_path, {"show_me.py": SHOW_ME})
-    marker = f"show_me.py {os.getpid()}-marker"
-    args = ["show_me.py", f"{os.getpid()}-marker", "with space", ""]
+    marker = f"show_me.py {os.getpid()}-{client}"
+    args = ["show_me.py", f"{os.getpid()}-{client}", "with space", ""]
     expected = process_view([PYTHON, *args], tmp_path, marker)
-    assert expected["pgrep finds it"]
-    assert process_view([light_bundle, *args], tmp_path, marker) == expected
+    assert expected["pgrep finds it alone"]
+    assert process_view([starter, *args], tmp_path, marker) == expected
+
+
+def test_pkill_f_signals_the_program_once(light_bundle, tmp_path):
+    """pkill -f matched the starter too: a SIGTERM handler ran twice."""
+    write_tree(tmp_path, {"term.py": TERM})
+    args = ["term.py", f"{os.getpid()}-pkill"]
+    outputs = []
+    for argv in ([PYTHON, *args], [light_bundle, *args]):
+        proc = subprocess.Popen(argv, cwd=str(tmp_path), env=clean_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout.readline() == "ready\n"
+        subprocess.run(["pkill", "-f", " ".join(args)], timeout=30)
+        out, _ = proc.communicate("go\n", timeout=30)
+        outputs.append((proc.returncode, out))
+    assert outputs[1] == outputs[0] == (0, "1 SIGTERM\n")
 
 
 # -- paths and messages -------------------------------------------------------------------------

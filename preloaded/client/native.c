@@ -1078,6 +1078,19 @@ static int stdio_is_pipes(void) {
 
 static char request_buf[4 + MAX_FRAME + 1];
 
+/* Once the run started warm: NUL out the program's arguments in this process's own command
+ * line, which the child now shows as python would (preloaded/client/cmdline.py says why:
+ * pgrep -f and pkill -f must find the program's process only). ps drops the trailing NULs. */
+static void hide_arguments(int argc, char **argv) {
+    if (argc < 2)
+        return;
+    for (int i = 2; i < argc; i++)
+        if (argv[i] != argv[i - 1] + strlen(argv[i - 1]) + 1)
+            return; /* not the kernel's contiguous argv area: leave it alone */
+    char *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    memset(argv[1], 0, (size_t)(end - argv[1]));
+}
+
 int main(int argc, char **argv) {
     load_config();
     if (argc < 1 || !stdio_is_pipes() || env_is_cold())
@@ -1132,6 +1145,7 @@ int main(int argc, char **argv) {
     while (rc == 0 && (rc = next_frame(&first, why, sizeof why)) == 0)
         rc = fill(sock) > 0 ? 0 : -1;
     if (rc == 1 && first.started) {
+        hide_arguments(argc, argv);
         wait_for_status(sock);
         return 1; /* not reached */
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import _signal
 import os
 
+from preloaded.client.cmdline import hide_arguments
 from preloaded.client.connection import Fallback, connect, hand_over, read_status, send_signal
 from preloaded.client.signals import Signals, ignored_signals, suspend
 from preloaded.paths import Paths, UnsafeDirectory
@@ -89,6 +90,7 @@ def run(config: dict, bundle: str, cmd, args: list):
             reply, reader = hand_over(sock, fds, request)
             if "started" in reply:
                 started = True
+                hide_arguments()  # pgrep -f / pkill -f must find the program's process only
                 return _wait(sock, reader, relay, signals.rfd, reply["started"], ignored)
             sock.close()
             if relay:
