@@ -1,4 +1,4 @@
-"""preloaded.Executor: small torch tasks, each in a fresh fork of a server that has torch loaded.
+"""preloaded.Executor: small torch tasks, each in a warm worker, a child of a server that has torch loaded.
 
     python examples/executor.py [BUNDLE]
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import click
 
@@ -474,12 +475,49 @@ def bench(file, command, runs, readiness, as_json, timeout) -> None:
 
 @main.command(name="list")
 def list_() -> None:
-    """List running servers: pid, bundle file, modules."""
-    servers = [i for i in _servers() if ask_server(i["socket"], {"cmd": "status"})]
-    if not servers:
+    """List running servers: pid, memory (PSS, with parked standbys), last use, bundle file."""
+    from preloaded.server import budget
+
+    try:
+        limits = budget.settings()
+    except budget.BudgetError as exc:
+        raise _Failure(str(exc), 2)
+    rows = []
+    for info in _servers():
+        usage = ask_server(info["socket"], {"cmd": "usage", "pss": True})
+        if not (usage and usage.get("pid") == info["pid"]):  # gone (or a py-preload too old)
+            if not ask_server(info["socket"], {"cmd": "status"}):
+                continue
+            usage = {}
+        rows.append((info, usage))
+    if not rows:
         click.echo("no servers running")
-    for info in servers:
-        click.echo(f"{info['pid']:>8}  {info['bundle']}  ({', '.join(info['modules'])})")
+        return
+    click.echo(f"{'PID':>8}  {'MEMORY':>8}  {'LAST USE':<12}  BUNDLE")
+    for info, usage in rows:
+        click.echo(f"{info['pid']:>8}  {_size(usage.get('pss')):>8}  {_last_use(usage):<12}  "
+                   f"{info['bundle']}  ({', '.join(info['modules'])})")  # fmt: skip
+    if limits.budget is not None:
+        held = sum(usage.get("pss") or 0 for _info, usage in rows)
+        click.echo(f"memory budget {limits.text} ({limits.source}); "
+                   f"the servers hold {_size(held)}")  # fmt: skip
+
+
+def _size(n) -> str:
+    return "?" if n is None else f"{n / 1e6:.0f} MB"
+
+
+def _last_use(usage: dict) -> str:
+    """When a run last started or ended on a server ("running" while one runs)."""
+    if not usage:
+        return "?"
+    if usage.get("busy"):
+        return "running"
+    ago = max(0.0, time.time() - usage["last_used"])
+    for unit, seconds in (("d", 86400), ("h", 3600), ("min", 60)):
+        if ago >= seconds:
+            return f"{ago // seconds:.0f} {unit} ago"
+    return f"{ago:.0f} s ago"
 
 
 @main.command()

@@ -25,6 +25,12 @@ os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700)
 # that change makes all running servers stale in the middle of the session.
 os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = os.path.join(_SESSION_DIR, "hypothesis")
 os.environ.pop("PY_PRELOAD_COLD", None)
+# The memory budget's settings (preloaded/server/budget.py): none from the developer's config
+# or environment; and no server retires for low memory while other tests need it (a test of
+# it sets its own threshold).
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_SESSION_DIR, "config")
+os.environ.pop("PY_PRELOAD_MEMORY_BUDGET", None)
+os.environ["PY_PRELOAD_LOW_MEMORY"] = "off"
 
 
 def cli(*args, check=True, **kw) -> subprocess.CompletedProcess:

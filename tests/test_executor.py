@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pickle
 import shutil
@@ -40,6 +41,15 @@ def executor(light_bundle):
     ex.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture
+def single(light_bundle):
+    """One worker: which process runs a task is then certain (with more, a task submitted as
+    the previous one returns may find its thread not yet idle, and start another worker)."""
+    ex = Executor(light_bundle, max_workers=1)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
 def wait_running(future, deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while not future.running():
@@ -55,22 +65,111 @@ def wait_for(path: str, deadline: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_returns_values_from_a_fresh_child(executor):
-    """Guards against results lost or mixed up, and against a task running in the caller (or in
-    a reused worker that keeps a previous task's state)."""
-    assert executor.submit(pow, 2, 10).result(TIMEOUT) == 1024
+def _tag(value, *, suffix):
+    """The value, this process, and what the previous task in this process left behind (in
+    os.environ: a function pickled by value gets globals of its own in every task)."""
+    seen = os.environ.get("EXECUTOR_STATE")
+    os.environ["EXECUTOR_STATE"] = str(value)
+    return f"{value}{suffix}", os.getpid(), seen
 
-    def tag(value, *, suffix):
-        global _STATE
-        seen = globals().get("_STATE")
-        _STATE = value
-        return f"{value}{suffix}", os.getpid(), seen
 
-    first = executor.submit(tag, "a", suffix="!").result(TIMEOUT)
-    second = executor.submit(tag, "b", suffix="?").result(TIMEOUT)
-    assert first[0] == "a!" and second[0] == "b?"
-    assert os.getpid() not in (first[1], second[1]) and first[1] != second[1]
-    assert second[2] is None  # the first task's global did not survive into the second
+def test_returns_values_from_a_reused_worker(single):
+    """Guards against results lost or mixed up, against a task running in the caller, and
+    against a worker per task: as in a ProcessPoolExecutor, one worker runs task after task
+    (the same pid, and a task sees what the one before it left)."""
+    assert single.submit(pow, 2, 10).result(TIMEOUT) == 1024
+    results = [single.submit(_tag, c, suffix="!").result(TIMEOUT) for c in "abcd"]
+    assert [r[0] for r in results] == ["a!", "b!", "c!", "d!"]
+    pids = {r[1] for r in results}
+    assert len(pids) == 1 and os.getpid() not in pids
+    assert [r[2] for r in results[1:]] == ["a", "b", "c"]
+
+
+def test_shutdown_ends_the_workers(light_bundle):
+    """Guards against reused workers outliving their executor (their server would never go
+    idle, nor be stopped by the memory budget): shutdown(wait=True) returns once they ended;
+    after shutdown(wait=False) they end by themselves."""
+    ex = Executor(light_bundle, max_workers=1)
+    worker = ex.submit(os.getpid).result(TIMEOUT)
+    assert ex.submit(os.getpid).result(TIMEOUT) == worker
+    ex.shutdown(wait=True)
+    assert worker not in _server_children(light_bundle)
+    ex = Executor(light_bundle, max_workers=1)
+    worker = ex.submit(os.getpid).result(TIMEOUT)
+    ex.shutdown(wait=False)
+    end = time.monotonic() + 30
+    while worker in _server_children(light_bundle):
+        assert time.monotonic() < end, "the worker outlived shutdown(wait=False)"
+        time.sleep(0.05)
+
+
+def test_max_tasks_per_child_recycles_workers(light_bundle):
+    """Guards against max_tasks_per_child being ignored (a worker that runs forever) or
+    miscounted, and against a recycled worker's state reaching its successor: 1 is a fresh
+    child per task."""
+    with Executor(light_bundle, max_workers=1, max_tasks_per_child=2) as ex:
+        results = [ex.submit(_tag, i, suffix="").result(TIMEOUT) for i in range(5)]
+    pids = [r[1] for r in results]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4], pids
+    assert [r[2] for r in results] == [None, "0", None, "2", None]
+    with Executor(light_bundle, max_workers=1, max_tasks_per_child=1) as ex:
+        results = [ex.submit(_tag, i, suffix="").result(TIMEOUT) for i in range(3)]
+    assert len({r[1] for r in results}) == 3 and [r[2] for r in results] == [None] * 3
+
+
+def test_max_tasks_per_child_checked_as_process_pool_does(light_bundle):
+    """Guards against a bad max_tasks_per_child or initializer surfacing only at a task."""
+    with pytest.raises(ValueError, match="max_tasks_per_child must be >= 1"):
+        Executor(light_bundle, max_tasks_per_child=0)
+    with pytest.raises(TypeError, match="max_tasks_per_child must be an integer"):
+        Executor(light_bundle, max_tasks_per_child=1.5)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        Executor(light_bundle, initializer="not callable")
+
+
+def _init_worker(log, value):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    os.environ["EXECUTOR_INIT"] = value
+
+
+def _read_init():
+    return os.environ.get("EXECUTOR_INIT"), os.getpid()
+
+
+def test_initializer_runs_once_per_worker(light_bundle, tmp_path):
+    """Guards against initializer/initargs ignored, run per task, or run in the caller."""
+    log = str(tmp_path / "init.log")
+    with Executor(light_bundle, max_workers=2, initializer=_init_worker,
+                  initargs=(log, "ready")) as ex:  # fmt: skip
+        results = list(ex.map(lambda _: _read_init(), range(8), timeout=TIMEOUT))
+        results += [ex.submit(_read_init).result(TIMEOUT) for _ in range(3)]
+    assert {r[0] for r in results} == {"ready"}
+    with open(log) as f:
+        inits = [int(line) for line in f]
+    assert sorted(inits) == sorted({r[1] for r in results})  # once in every worker, no more
+    assert os.getpid() not in inits and "EXECUTOR_INIT" not in os.environ
+
+
+def _failing_init():
+    raise LookupError("no such model")
+
+
+def test_failing_initializer_breaks_the_executor(light_bundle):
+    """Guards against a failed initializer hanging the task, being reported as a dead worker,
+    or being retried for ever: as with ProcessPoolExecutor, the executor is broken, and says
+    why (the initializer's exception, with its remote traceback, is the cause)."""
+    ex = Executor(light_bundle, max_workers=1, initializer=_failing_init)
+    try:
+        error = ex.submit(len, "x").exception(TIMEOUT)
+        assert isinstance(error, concurrent.futures.BrokenExecutor)
+        assert "initializer raised LookupError: no such model" in str(error)
+        assert isinstance(error.__cause__, LookupError)
+        assert "_failing_init" in error.__cause__.__cause__.tb
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            ex.submit(len, "y")
+    finally:
+        ex.shutdown(wait=True)
 
 
 def test_lambdas_and_closures(executor):
@@ -123,18 +222,41 @@ def test_unpicklable_exception_still_reported(executor):
     assert "_raise_unpicklable" in info.value.__cause__.tb
 
 
-def test_sigkilled_worker_then_next_task_works(executor):
-    """Guards against a crashed child hanging its future or breaking the executor (as a
-    ProcessPoolExecutor does: BrokenProcessPool)."""
-    future = executor.submit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+def test_sigkilled_worker_then_next_task_works(single):
+    """Guards against a crashed worker hanging its future or breaking the executor (as a
+    ProcessPoolExecutor does: BrokenProcessPool), and against the next task going to the dead
+    worker: it gets a fresh one."""
+    worker = single.submit(os.getpid).result(TIMEOUT)
+    future = single.submit(lambda: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(WorkerDied, match=r"killed by signal 9 \(SIGKILL\)") as info:
         future.result(TIMEOUT)
     assert info.value.signal == signal.SIGKILL and info.value.exitcode == -signal.SIGKILL
+    assert info.value.pid == worker
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # can travel on
     with pytest.raises(WorkerDied, match="exited with status 3") as info:
-        executor.submit(os._exit, 3).result(TIMEOUT)
+        single.submit(os._exit, 3).result(TIMEOUT)
     assert info.value.exitcode == 3 and info.value.signal is None
-    assert executor.submit(lambda: "alive").result(TIMEOUT) == "alive"
+    assert single.submit(lambda: "alive").result(TIMEOUT) == "alive"
+    assert single.submit(os.getpid).result(TIMEOUT) not in (worker, info.value.pid)
+
+
+def test_worker_killed_between_tasks_is_replaced(light_bundle):
+    """Guards against a task blamed (WorkerDied) for a worker that died while idle, and
+    against it being sent to that dead worker: it runs in a new one."""
+    with Executor(light_bundle, max_workers=1) as ex:
+        first = ex.submit(os.getpid).result(TIMEOUT)
+        assert ex.submit(os.getpid).result(TIMEOUT) == first  # reused while it lives
+        os.kill(first, signal.SIGKILL)
+        end = time.monotonic() + 30
+        while first in _server_children(light_bundle):  # reaped: its end is reported to us
+            assert time.monotonic() < end, "the server never reaped the killed worker"
+            time.sleep(0.02)
+        second = ex.submit(os.getpid).result(TIMEOUT)
+    assert second != first
+
+
+def _server_children(bundle: str) -> list:
+    return json.loads(cli("status", bundle, "--json").stdout)["children"]
 
 
 def test_unpicklable_result_is_a_clear_error(executor):
@@ -380,3 +502,23 @@ def test_server_killed_during_a_task_then_a_new_one_serves(tmp_path):
         assert isinstance(error, ServerUnavailable) and "lost the server" in str(error)
         assert ex.submit(os.getppid).result(TIMEOUT) not in (first_server, os.getpid())
     cli("stop", bundle)
+
+
+def _chunk_sum(values):
+    return sum(values), os.getpid()
+
+
+def test_dask_computes_with_the_executor_as_its_scheduler(light_bundle):
+    """Guards against an Executor that only works with its own map/submit: dask takes any
+    concurrent.futures.Executor as a scheduler, and its tasks must run in the warm workers
+    (not in the caller) and come back right, in order, with a failing task's exception."""
+    import dask
+
+    parts = [dask.delayed(_chunk_sum)(range(i * 10, i * 10 + 10)) for i in range(6)]
+    total = dask.delayed(lambda xs: (sum(x[0] for x in xs), [x[1] for x in xs]))(parts)
+    with Executor(light_bundle, max_workers=2) as ex:
+        (value, pids), = dask.compute(total, scheduler=ex)
+        assert value == sum(range(60))
+        assert os.getpid() not in pids and 1 <= len(set(pids)) <= 2
+        with pytest.raises(ZeroDivisionError):
+            dask.compute(dask.delayed(lambda: 1 / 0)(), scheduler=ex)

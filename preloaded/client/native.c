@@ -22,6 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -1078,6 +1081,22 @@ static int stdio_is_pipes(void) {
 
 static char request_buf[4 + MAX_FRAME + 1];
 
+/* A Jupyter kernel ends when the process that launched it dies: ipykernel polls getppid()
+   against JPY_PARENT_PID. A warm kernel's parent is the server, so this client (the process
+   Jupyter launched) keeps that watch, as starter.py's follow_jupyter does: SIGHUP when its
+   parent dies, which it forwards to the kernel. Only when JPY_PARENT_PID is our parent (a
+   process a notebook starts inherits the variable but has another parent). The setting
+   survives exec, so a cold kernel is covered too. */
+static void follow_jupyter(void) {
+#ifdef __linux__
+    const char *jupyter = getenv("JPY_PARENT_PID");
+    if (!jupyter || !*jupyter || strtol(jupyter, NULL, 10) != (long)getppid())
+        return;
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) == 0 && strtol(jupyter, NULL, 10) != (long)getppid())
+        _exit(1); /* gone before the watch was set: as ipykernel's poller would */
+#endif
+}
+
 /* Once the run started warm: NUL out the program's arguments in this process's own command
  * line, which the child now shows as python would (preloaded/client/cmdline.py says why:
  * pgrep -f and pkill -f must find the program's process only). ps drops the trailing NULs. */
@@ -1092,6 +1111,7 @@ static void hide_arguments(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    follow_jupyter();
     load_config();
     if (argc < 1 || !stdio_is_pipes() || env_is_cold())
         exec_python(argv);

@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import startup, tools
+from preloaded.server import budget, control, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.staleness import Stamps
@@ -70,6 +70,8 @@ class Server:
         self.stopping = False
         self.stamps: Stamps | None = None
         self.last_active = time.monotonic()
+        self.last_used = time.time()  # a run's start or end: the memory budget's "recently used"
+        self.budget: budget.ServerBudget | None = None  # set once listening (main)
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
         self.child_setup = None
@@ -145,6 +147,8 @@ class Server:
             self._learn_step()
             if not events and self._refill_in() == 0.0:
                 self.pool.refill()
+            if not events and self.budget is not None:
+                self.budget.check_memory()
 
     def _can_learn(self) -> bool:
         """Learned modules are imported (probes forked) between runs, never while a run waits."""
@@ -289,7 +293,7 @@ class Server:
                 kill(conn.pid, signum, group=signum in GROUP_SIGNALS)
             return
         if isinstance(frame, dict) and "cmd" in frame:
-            self._handle_command(conn, frame)
+            control.handle(self, conn, frame)
             return
         try:
             validate_request(frame, len(conn.fds))
@@ -306,24 +310,6 @@ class Server:
             return self._close(conn)
         self._fork(conn, frame)
 
-    def _handle_command(self, conn: Conn, frame: dict) -> None:
-        cmd = frame.get("cmd")
-        if cmd == "status":
-            conn.reply(self.status())
-        elif cmd == "stop":
-            conn.reply({"stopping": os.getpid()})
-            self._close(conn)
-            self.begin_stop(kill_children=True)
-        elif cmd == "forget":  # running children finish; the next run starts a fresh server
-            if self.learner is not None:
-                self.learner.forget()
-            conn.reply({"stopping": os.getpid()})
-            self._close(conn)
-            self.begin_stop()
-        else:
-            conn.reply({"error": f"unknown command {cmd!r}"})
-        self._close(conn)
-
     def status(self) -> dict:
         return {
             "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
@@ -336,6 +322,7 @@ class Server:
             "socket": self.paths.socket, "log": self.paths.log,
             "learn": self.learner.status() if self.learner else None,
             "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
+            "last_used": self.last_used,
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
@@ -348,6 +335,7 @@ class Server:
         wire.close_all(conn.fds)  # the standby holds its own copies now
         conn.fds = []
         self.runs += 1
+        self.last_used = time.time()
         conn.pid = standby.pid
         self.children[standby.pid] = conn
         if not conn.reply({"started": standby.pid}):
@@ -392,6 +380,7 @@ class Server:
                 self.learner.collect(pid)
             code = os.waitstatus_to_exitcode(status)
             self.pool.last_exit = time.monotonic()
+            self.last_used = time.time()
             if not conn.closed:
                 conn.reply({"signal": -code} if code < 0 else {"exit": code})
                 self._close(conn)
@@ -517,6 +506,12 @@ def main() -> None:
     _open_log(server.paths.log)
     if not server.acquire_lock():
         sys.exit(ALREADY_RUNNING)
+    try:
+        limits = budget.settings()
+    except budget.BudgetError as exc:  # every run says so, and runs cold, until it is fixed
+        _write_failure(server.paths, str(exc))
+        log(f"start failed: {exc}")
+        sys.exit(1)
     log(f"server {os.getpid()} for {config['bundle']}: importing {', '.join(server.modules)}")
     try:
         server.preload()
@@ -536,6 +531,8 @@ def main() -> None:
     server.install_signals()
     server.listen()
     log(f"serving on {server.paths.socket}")
+    server.budget = budget.ServerBudget(server, limits, log)
+    server.budget.start()
     try:
         server.serve()
     finally:
