@@ -230,6 +230,26 @@ def test_ends_like_the_python_client(starters, name):
         assert py.stderr == b"py-preload: lost the server during the run\n"
 
 
+def test_lost_server_with_stderr_closed(starters):
+    """The last line goes to a pipe nobody reads: the write fails (a SIGPIPE would kill the C
+    client; python ignores SIGPIPE) and the Python client exits 120, failing to flush."""
+    codes = {}
+    for kind in ("python", "native"):
+        bundle = starters(kind, strict=True)
+        server = FakeServer(bundle, ENDS["vanishes"])
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([bundle, "-c", "pass"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=write, env=ENV,
+                                  timeout=TIMEOUT)  # fmt: skip
+        finally:
+            os.close(write)
+            server.close()
+        codes[kind] = proc.returncode
+    assert codes["native"] == codes["python"] == 120
+
+
 @pytest.mark.parametrize("answer", ["refused", "stale"])
 def test_refused_or_stale_goes_through_the_python_starter(starters, answer):
     """Refused: the Python client warns and runs cold; stale: it retries, then runs cold. The

@@ -68,14 +68,27 @@ static const char *coerced_lc_ctype; /* LC_CTYPE as python's start-up sets it (P
 
 /* ---- falling back to the Python starter ---------------------------------------------- */
 
+/* A last line on stderr; 0 when it was written. A stderr nobody reads fails the write with
+ * EPIPE instead of killing this process by SIGPIPE: python ignores SIGPIPE. */
+static int last_words(const char *line, int n) {
+    if (n <= 0)
+        return 0;
+    signal(SIGPIPE, SIG_IGN);
+    return write(2, line, (size_t)n) == n ? 0 : -1;
+}
+
 static void die(const char *what, const char *detail) {
     char line[1024];
     int n = snprintf(line, sizeof line, "py-preload: %s: %s\n", what, detail);
-    if (n > 0) {
-        ssize_t r = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-        (void)r;
-    }
+    (void)last_words(line, n < (int)sizeof line ? n : (int)sizeof line - 1);
     _exit(127);
+}
+
+static void exec_or_die(char **args) {
+    execv(config.python, args);
+    char what[4200];
+    snprintf(what, sizeof what, "cannot run %s", config.python);
+    die(what, strerror(errno));
 }
 
 /* Replace this process with the Python starter running the same command line. */
@@ -96,20 +109,14 @@ static void exec_python(char **argv) {
     for (size_t i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
-    execv(config.python, args);
-    char what[4200];
-    snprintf(what, sizeof what, "cannot run %s", config.python);
-    die(what, strerror(errno));
+    exec_or_die(args);
 }
 
 /* Replace this process with the real interpreter running the same command (starter.py
  * exec_cold, for a bundle without an overlay: the environment is the caller's as it is). */
 static void exec_cold(char **argv) {
     argv[0] = (char *)config.python;
-    execv(config.python, argv);
-    char what[4200];
-    snprintf(what, sizeof what, "cannot run %s", config.python);
-    die(what, strerror(errno));
+    exec_or_die(argv);
 }
 
 /* ---- the configuration ----------------------------------------------------------------- */
@@ -369,7 +376,11 @@ static int put_str(struct out *o, const char *str, int strict) {
             char e[2] = {'\\', (char)c};
             put(o, e, 2);
         } else if (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t') {
-            char e[2] = {'\\', c == '\b' ? 'b' : c == '\f' ? 'f' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't'};
+            char e[2] = {'\\', c == '\b'   ? 'b'
+                                : c == '\f' ? 'f'
+                                : c == '\n' ? 'n'
+                                : c == '\r' ? 'r'
+                                            : 't'};
             put(o, e, 2);
         } else if (c >= 0x10000) {
             put_u(o, 0xD800 + ((c - 0x10000) >> 10));
@@ -931,7 +942,10 @@ static ssize_t fill(int sock) {
 
 static int wake_pipe[2] = {-1, -1};
 static struct sigaction previous[65];
-static int handled[COUNT(FORWARDED) + 1], nhandled;
+/* The client's handlers: FORWARDED, then Ctrl-Z and SIGCONT (forwarded as well). */
+static const int CAUGHT[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT};
+static int handled[COUNT(CAUGHT)], nhandled;
+static int tstp_ignored; /* the caller ignores SIGTSTP: forward it, never suspend */
 
 static void on_signal(int signum) { /* only wakes the loop, like signal.set_wakeup_fd */
     int saved = errno;
@@ -955,15 +969,15 @@ static void install(int signum) {
     sigaction(signum, &sa, NULL);
 }
 
-/* Handlers for the forwarded signals and SIGTSTP, except those the caller ignores (the
- * child ignores them too). */
+/* Handlers for the forwarded signals, SIGTSTP and SIGCONT, those the caller ignores too: the
+ * child starts with them ignored, as python would, but a handler the program installs must
+ * still get them (signals.py, Signals). */
 static int install_handlers(void) {
     if (pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
-    for (size_t k = 0; k <= COUNT(FORWARDED); k++) {
-        int signum = k < COUNT(FORWARDED) ? FORWARDED[k] : SIGTSTP;
-        if (is_ignored(signum))
-            continue;
+    tstp_ignored = is_ignored(SIGTSTP);
+    for (size_t k = 0; k < COUNT(CAUGHT); k++) {
+        int signum = CAUGHT[k];
         sigaction(signum, NULL, &previous[signum]);
         install(signum);
         handled[nhandled++] = signum;
@@ -986,7 +1000,7 @@ static void restore_handlers(void) {
     close(wake_pipe[1]);
 }
 
-/* Ctrl-Z: stop the child, then ourselves; on SIGCONT have the child continue. */
+/* Ctrl-Z: stop the child, then ourselves; the SIGCONT handler has the child continue. */
 static void suspend(int sock) {
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
@@ -994,8 +1008,7 @@ static void suspend(int sock) {
     send_signal(sock, SIGSTOP);
     sigaction(SIGTSTP, &dfl, NULL);
     kill(getpid(), SIGTSTP);
-    install(SIGTSTP);
-    send_signal(sock, SIGCONT);
+    install(SIGTSTP); /* the SIGCONT that continued us is forwarded from the wake pipe */
 }
 
 /* ---- the end: mirror the child's status (run.py exit_like) ------------------------------- */
@@ -1014,11 +1027,8 @@ static void exit_like_signal(long long value) {
 static void fail(const char *message, const char *detail) {
     char line[1200];
     int n = snprintf(line, sizeof line, "py-preload: %s%s\n", message, detail);
-    if (n > 0) {
-        ssize_t r = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
-        (void)r;
-    }
-    _exit(1);
+    /* The Python client's write raises there, and its exit cannot flush stderr: status 120. */
+    _exit(last_words(line, n < (int)sizeof line ? n : (int)sizeof line - 1) ? 120 : 1);
 }
 
 /* The buffered frames: end like the child once its status is there; return if none is. */
@@ -1044,7 +1054,8 @@ static void act_on_frames(void) {
 static void wait_for_status(int sock) {
     for (;;) {
         act_on_frames();
-        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = wake_pipe[0], .events = POLLIN}};
+        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN}};
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
@@ -1054,7 +1065,7 @@ static void wait_for_status(int sock) {
             unsigned char signums[64];
             ssize_t n = read(wake_pipe[0], signums, sizeof signums);
             for (ssize_t k = 0; k < n; k++) {
-                if (signums[k] == SIGTSTP)
+                if (signums[k] == SIGTSTP && !tstp_ignored)
                     suspend(sock);
                 else
                     send_signal(sock, signums[k]);
