@@ -41,6 +41,15 @@ def executor(light_bundle):
     ex.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture
+def single(light_bundle):
+    """One worker: which process runs a task is then certain (with more, a task submitted as
+    the previous one returns may find its thread not yet idle, and start another worker)."""
+    ex = Executor(light_bundle, max_workers=1)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
 def wait_running(future, deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while not future.running():
@@ -64,16 +73,34 @@ def _tag(value, *, suffix):
     return f"{value}{suffix}", os.getpid(), seen
 
 
-def test_returns_values_from_a_reused_worker(executor):
+def test_returns_values_from_a_reused_worker(single):
     """Guards against results lost or mixed up, against a task running in the caller, and
     against a worker per task: as in a ProcessPoolExecutor, one worker runs task after task
     (the same pid, and a task sees what the one before it left)."""
-    assert executor.submit(pow, 2, 10).result(TIMEOUT) == 1024
-    results = [executor.submit(_tag, c, suffix="!").result(TIMEOUT) for c in "abcd"]
+    assert single.submit(pow, 2, 10).result(TIMEOUT) == 1024
+    results = [single.submit(_tag, c, suffix="!").result(TIMEOUT) for c in "abcd"]
     assert [r[0] for r in results] == ["a!", "b!", "c!", "d!"]
     pids = {r[1] for r in results}
     assert len(pids) == 1 and os.getpid() not in pids
     assert [r[2] for r in results[1:]] == ["a", "b", "c"]
+
+
+def test_shutdown_ends_the_workers(light_bundle):
+    """Guards against reused workers outliving their executor (their server would never go
+    idle, nor be stopped by the memory budget): shutdown(wait=True) returns once they ended;
+    after shutdown(wait=False) they end by themselves."""
+    ex = Executor(light_bundle, max_workers=1)
+    worker = ex.submit(os.getpid).result(TIMEOUT)
+    assert ex.submit(os.getpid).result(TIMEOUT) == worker
+    ex.shutdown(wait=True)
+    assert worker not in _server_children(light_bundle)
+    ex = Executor(light_bundle, max_workers=1)
+    worker = ex.submit(os.getpid).result(TIMEOUT)
+    ex.shutdown(wait=False)
+    end = time.monotonic() + 30
+    while worker in _server_children(light_bundle):
+        assert time.monotonic() < end, "the worker outlived shutdown(wait=False)"
+        time.sleep(0.05)
 
 
 def test_max_tasks_per_child_recycles_workers(light_bundle):
@@ -195,22 +222,22 @@ def test_unpicklable_exception_still_reported(executor):
     assert "_raise_unpicklable" in info.value.__cause__.tb
 
 
-def test_sigkilled_worker_then_next_task_works(executor):
+def test_sigkilled_worker_then_next_task_works(single):
     """Guards against a crashed worker hanging its future or breaking the executor (as a
     ProcessPoolExecutor does: BrokenProcessPool), and against the next task going to the dead
     worker: it gets a fresh one."""
-    worker = executor.submit(os.getpid).result(TIMEOUT)
-    future = executor.submit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+    worker = single.submit(os.getpid).result(TIMEOUT)
+    future = single.submit(lambda: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(WorkerDied, match=r"killed by signal 9 \(SIGKILL\)") as info:
         future.result(TIMEOUT)
     assert info.value.signal == signal.SIGKILL and info.value.exitcode == -signal.SIGKILL
     assert info.value.pid == worker
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # can travel on
     with pytest.raises(WorkerDied, match="exited with status 3") as info:
-        executor.submit(os._exit, 3).result(TIMEOUT)
+        single.submit(os._exit, 3).result(TIMEOUT)
     assert info.value.exitcode == 3 and info.value.signal is None
-    assert executor.submit(lambda: "alive").result(TIMEOUT) == "alive"
-    assert executor.submit(os.getpid).result(TIMEOUT) not in (worker, info.value.pid)
+    assert single.submit(lambda: "alive").result(TIMEOUT) == "alive"
+    assert single.submit(os.getpid).result(TIMEOUT) not in (worker, info.value.pid)
 
 
 def test_worker_killed_between_tasks_is_replaced(light_bundle):

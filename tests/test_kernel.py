@@ -181,3 +181,63 @@ def test_real_kernel_execute_interrupt_restart_shutdown(jupyter_dir, starter):
     _wait_gone(int(new_pid))
     _wait_gone(starter_pid)
     assert not manager.is_alive()
+
+
+# A stand-in for Jupyter: starts kernel argv[1], prints "<kernel pid> <launched pid>", waits.
+JUPYTER = """\
+import sys, time
+from jupyter_client.manager import KernelManager
+manager = KernelManager(kernel_name=sys.argv[1])
+manager.start_kernel()
+client = manager.client()
+client.start_channels()
+client.wait_for_ready(timeout=60)
+out = []
+client.execute_interactive("import os; print(os.getpid())", timeout=60,
+                           output_hook=lambda m: out.append(m["content"].get("text", "")))
+print("".join(out).strip(), manager.provisioner.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("client", ["native", "python", "python's own kernel"])
+def test_kernel_ends_when_jupyter_dies(jupyter_dir, tmp_path, client):
+    """Guards python's behaviour when Jupyter is killed: ipykernel watches its parent (the
+    JPY_PARENT_PID) and exits. A warm kernel's parent is the server, so the starter keeps that
+    watch for it; without it, kernel and starter lived on forever after a Jupyter crash."""
+    import signal
+    import subprocess
+
+    if client == "python's own kernel":  # the oracle: what the starter must match
+        kernel = jupyter_dir / "kernels" / "plain"
+        kernel.mkdir(parents=True)
+        (kernel / "kernel.json").write_text(json.dumps(
+            {"argv": [PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+             "display_name": "python", "language": "python"}))  # fmt: skip
+        path = None
+    else:
+        path = bundle(tmp_path / f"python-{client}.bin", "--client", client)
+        cli("kernel", "install", path, "--name", "plain")
+    jupyter = subprocess.Popen([PYTHON, "-c", JUPYTER, "plain"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    pids = []
+    try:
+        line = jupyter.stdout.readline()
+        assert line, "the kernel did not start"
+        pids[:] = map(int, line.split())
+        kernel_pid, launched_pid = pids
+        if path is not None:
+            assert kernel_pid != launched_pid  # warm: the kernel is the server's fork
+        os.kill(jupyter.pid, signal.SIGKILL)
+        jupyter.wait(KERNEL_TIMEOUT)
+        _wait_gone(kernel_pid)
+        _wait_gone(launched_pid)
+    finally:
+        jupyter.kill()
+        for pid in pids:  # a failed check must not leave the kernel running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if path is not None:
+            cli("stop", path, check=False)

@@ -152,13 +152,6 @@ def test_pytest_console_script_with_a_plugin_module_in_the_server(plugin_python,
     compare(plugin_python, plugin_bundle, [script, "-q", "-p", "no:cacheprovider"], project)
 
 
-def test_pytest_xdist_workers(plugin_python, plugin_bundle, project):
-    """xdist's workers are started by execnet with sys.executable: python's, in both runs."""
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2"]
-    expected = compare(plugin_python, plugin_bundle, args, project)
-    assert "2 passed" in expected.stdout
-
-
 def test_pytest_cov(plugin_python, plugin_bundle, project):
     args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--cov=.", "--cov-report=term"]
     expected = compare(plugin_python, plugin_bundle, args, project)
@@ -185,6 +178,45 @@ def test_pytest_runs_warm_without_plugin_modules_and_learns_none(tmp_path, proje
         assert not learned & TOOLS
     finally:
         cli("stop", bundle, check=False)
+
+
+@pytest.mark.parametrize("how", ["-p", "PYTEST_PLUGINS"])
+def test_pytest_naming_a_module_of_the_server_as_a_plugin(tmp_path, project, how):
+    """``-p colorsys``: pytest marks colorsys for rewriting before it imports it, and warns if
+    it is already there (under python it is not)."""
+    bundle = str(tmp_path / "python-colorsys.bin")
+    cli("bundle", "json", "colorsys", "-o", bundle, "--idle-timeout", "600", "--no-learn")
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    env = clean_env()
+    if how == "-p":
+        args += ["-p", "colorsys"]
+    else:
+        env["PYTEST_PLUGINS"] = "colorsys"
+    try:
+        expected = compare(PYTHON, bundle, args, project, env)
+        assert "2 passed" in expected.stdout
+    finally:
+        cli("stop", bundle, check=False)
+
+
+@pytest.mark.parametrize("bundle_of", ["plugin", "light"])
+def test_pytest_xdist_workers_warm_and_cold(plugin_python, plugin_bundle, tmp_path, project,
+                                            bundle_of):  # fmt: skip
+    """The controller runs warm (light server) or cold (plugin module in the server); execnet
+    starts the workers with sys.executable, the bundle's python, in both."""
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2"]
+    if bundle_of == "plugin":
+        expected = compare(plugin_python, plugin_bundle, args, project)
+    else:
+        bundle = test_learn.bundle(tmp_path / "python-light.bin", "--no-learn")
+        try:
+            test_learn.ok(test_learn.run(bundle, "-c", "pass"))  # starts the server
+            runs = warm_runs(bundle)
+            expected = compare(PYTHON, bundle, args, project)
+            assert warm_runs(bundle) == runs + 1
+        finally:
+            cli("stop", bundle, check=False)
+    assert "2 passed" in expected.stdout
 
 
 def test_pytest_with_cov_in_the_config_runs_cold(tmp_path, project):

@@ -22,6 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -939,7 +942,10 @@ static ssize_t fill(int sock) {
 
 static int wake_pipe[2] = {-1, -1};
 static struct sigaction previous[65];
-static int handled[COUNT(FORWARDED) + 1], nhandled;
+/* The client's handlers: FORWARDED, then Ctrl-Z and SIGCONT (forwarded as well). */
+static const int CAUGHT[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT};
+static int handled[COUNT(CAUGHT)], nhandled;
+static int tstp_ignored; /* the caller ignores SIGTSTP: forward it, never suspend */
 
 static void on_signal(int signum) { /* only wakes the loop, like signal.set_wakeup_fd */
     int saved = errno;
@@ -963,15 +969,15 @@ static void install(int signum) {
     sigaction(signum, &sa, NULL);
 }
 
-/* Handlers for the forwarded signals and SIGTSTP, except those the caller ignores (the
- * child ignores them too). */
+/* Handlers for the forwarded signals, SIGTSTP and SIGCONT, those the caller ignores too: the
+ * child starts with them ignored, as python would, but a handler the program installs must
+ * still get them (signals.py, Signals). */
 static int install_handlers(void) {
     if (pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
-    for (size_t k = 0; k <= COUNT(FORWARDED); k++) {
-        int signum = k < COUNT(FORWARDED) ? FORWARDED[k] : SIGTSTP;
-        if (is_ignored(signum))
-            continue;
+    tstp_ignored = is_ignored(SIGTSTP);
+    for (size_t k = 0; k < COUNT(CAUGHT); k++) {
+        int signum = CAUGHT[k];
         sigaction(signum, NULL, &previous[signum]);
         install(signum);
         handled[nhandled++] = signum;
@@ -994,7 +1000,7 @@ static void restore_handlers(void) {
     close(wake_pipe[1]);
 }
 
-/* Ctrl-Z: stop the child, then ourselves; on SIGCONT have the child continue. */
+/* Ctrl-Z: stop the child, then ourselves; the SIGCONT handler has the child continue. */
 static void suspend(int sock) {
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
@@ -1002,8 +1008,7 @@ static void suspend(int sock) {
     send_signal(sock, SIGSTOP);
     sigaction(SIGTSTP, &dfl, NULL);
     kill(getpid(), SIGTSTP);
-    install(SIGTSTP);
-    send_signal(sock, SIGCONT);
+    install(SIGTSTP); /* the SIGCONT that continued us is forwarded from the wake pipe */
 }
 
 /* ---- the end: mirror the child's status (run.py exit_like) ------------------------------- */
@@ -1060,7 +1065,7 @@ static void wait_for_status(int sock) {
             unsigned char signums[64];
             ssize_t n = read(wake_pipe[0], signums, sizeof signums);
             for (ssize_t k = 0; k < n; k++) {
-                if (signums[k] == SIGTSTP)
+                if (signums[k] == SIGTSTP && !tstp_ignored)
                     suspend(sock);
                 else
                     send_signal(sock, signums[k]);
@@ -1085,6 +1090,22 @@ static int stdio_is_pipes(void) {
 
 static char request_buf[4 + MAX_FRAME + 1];
 
+/* A Jupyter kernel ends when the process that launched it dies: ipykernel polls getppid()
+   against JPY_PARENT_PID. A warm kernel's parent is the server, so this client (the process
+   Jupyter launched) keeps that watch, as starter.py's follow_jupyter does: SIGHUP when its
+   parent dies, which it forwards to the kernel. Only when JPY_PARENT_PID is our parent (a
+   process a notebook starts inherits the variable but has another parent). The setting
+   survives exec, so a cold kernel is covered too. */
+static void follow_jupyter(void) {
+#ifdef __linux__
+    const char *jupyter = getenv("JPY_PARENT_PID");
+    if (!jupyter || !*jupyter || strtol(jupyter, NULL, 10) != (long)getppid())
+        return;
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) == 0 && strtol(jupyter, NULL, 10) != (long)getppid())
+        _exit(1); /* gone before the watch was set: as ipykernel's poller would */
+#endif
+}
+
 /* Once the run started warm: NUL out the program's arguments in this process's own command
  * line, which the child now shows as python would (preloaded/client/cmdline.py says why:
  * pgrep -f and pkill -f must find the program's process only). ps drops the trailing NULs. */
@@ -1099,6 +1120,7 @@ static void hide_arguments(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    follow_jupyter();
     load_config();
     if (argc < 1 || !stdio_is_pipes() || env_is_cold())
         exec_python(argv);

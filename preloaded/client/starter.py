@@ -152,8 +152,28 @@ def warn(message: str) -> None:
     os.write(2, f"py-preload: {message}\n".encode("utf-8", "backslashreplace"))
 
 
+def follow_jupyter(jupyter: str) -> None:
+    """A Jupyter kernel ends when the process that launched it dies: ipykernel polls getppid()
+    against JPY_PARENT_PID. A warm kernel's parent is the server, so the starter (the process
+    Jupyter launched) keeps that watch: SIGHUP when its parent dies, which it forwards to the
+    kernel. Only when JPY_PARENT_PID is our parent: a process a notebook starts inherits the
+    variable but has another parent. Survives exec: a cold kernel is covered too."""
+    if jupyter != str(os.getppid()):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 1, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGHUP (Linux)
+    except (OSError, AttributeError):
+        return
+    if jupyter != str(os.getppid()):
+        os._exit(1)  # gone before the watch was set: as ipykernel's poller would
+
+
 def main(config: dict) -> None:
     """Entry point of a bundle FILE; ``config`` is the dict written into it by ``bundle``."""
+    if "JPY_PARENT_PID" in os.environ:
+        follow_jupyter(os.environ["JPY_PARENT_PID"])
     args = sys.argv[1:]
     python = config["python"]
     cmd = parse_args(args)

@@ -25,6 +25,7 @@ from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
+from preloaded.server.stops import ClientStops
 
 ALREADY_RUNNING = 3
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
@@ -77,6 +78,7 @@ class Server:
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
+        self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Server:
             for key, _mask in events:
                 key.data(key.fileobj)
             self._check_deadlines()
+            self.stops.check(self.children)
             self._check_socket()
             self._learn_step()
             if not events and self._refill_in() == 0.0:
@@ -175,7 +178,7 @@ class Server:
         if self._can_learn():
             return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
-        limits = [1.0]
+        limits = [1.0, self.stops.due_in(self.children, now)]
         limits += [deadline - now for deadline in self.learner.deadlines()]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)

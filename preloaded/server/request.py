@@ -78,6 +78,8 @@ class Conn:
         self.pid: int | None = None
         self.kill_at: float | None = None
         self.closed = False
+        self.client_pid: int | None = None  # SO_PEERCRED: whose stop the child follows
+        self.client_stopped = False  # we stopped the child because its client was stopped
 
     def reply(self, obj) -> bool:
         """Send ``obj``; False if the client could not be told (gone, or not reading)."""

@@ -76,11 +76,26 @@ def _tool_script(target: str) -> str | None:
 
 def _pytest_reason(request: dict) -> str | None:
     held = sorted(set(sys.modules) & tool_modules(_search_path(request)))
+    held += [name for name in _named_plugins(request) if name in sys.modules]
     if held:
         return f"pytest with {', '.join(held[:3])} already imported (assertion rewriting)"
     if _wants_coverage(request):
         return "pytest with --cov: coverage must start before the server's modules"
     return None
+
+
+def _named_plugins(request: dict) -> list:
+    """Plugins named by ``-p NAME`` and ``PYTEST_PLUGINS``: pytest marks each for rewriting
+    (and warns if it is already imported) before importing it. (Those a conftest.py names in
+    ``pytest_plugins`` cannot be known before the run: see README, Known differences.)"""
+    argv, names = request["argv"], []
+    for i, arg in enumerate(argv):
+        if arg == "-p" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+        elif arg.startswith("-p") and not arg.startswith("--"):
+            names.append(arg[2:])
+    names += request["env"].get("PYTEST_PLUGINS", "").split(",")
+    return [name.strip() for name in names if name.strip() and not name.startswith("no:")]
 
 
 def _search_path(request: dict) -> tuple:
