@@ -48,6 +48,16 @@ def make_bundle(path, *modules, idle_timeout=600, client=None) -> str:
     return str(path)
 
 
+def need_native() -> None:
+    """Skip the test where no C compiler can build the native client."""
+    from preloaded.install import nativebuild
+
+    try:
+        nativebuild.build()
+    except nativebuild.BuildError as exc:
+        pytest.skip(f"no native client here: {exc}")
+
+
 def native_only(path, *modules, binary=None) -> str:
     """A native starter whose server runs, and which cannot fall back to Python.
 
@@ -57,8 +67,7 @@ def native_only(path, *modules, binary=None) -> str:
     server is started first, through the intact starter, and the file keeps its mtime (the
     server would retire as stale otherwise).
     """
-    from preloaded.client import native
-
+    need_native()
     make_bundle(path, *modules, idle_timeout=3600, client="native")
     if binary:  # another build of the client (the sanitized one)
         from preloaded.install import installer, nativebuild
@@ -129,6 +138,7 @@ def light_bundle(bundle_dir):
 @pytest.fixture(scope="session")
 def native_bundle(bundle_dir):
     """The light bundle as a native starter (it falls back to Python where it must)."""
+    need_native()
     return make_bundle(os.path.join(bundle_dir, "python-light-native.bin"), "json", "decimal",
                        client="native")
 
