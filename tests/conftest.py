@@ -143,10 +143,31 @@ def native_bundle(bundle_dir):
                        client="native")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def native_strict(bundle_dir):
-    """The light bundle as a native starter that cannot fall back: see ``native_only``."""
-    return native_only(os.path.join(bundle_dir, "python-light-strict.bin"), "json", "decimal")
+    """The light bundle as a native starter that cannot fall back: see ``native_only``. Made
+    again for a module when its server is gone (a test module in between stopped every server
+    of the session: its runs cannot start one)."""
+    path = os.path.join(bundle_dir, "python-light-strict.bin")
+    if not serving(path):
+        native_only(path, "json", "decimal")
+    return path
+
+
+def serving(path) -> bool:
+    """Whether a server of the bundle ``path`` listens on its socket."""
+    import socket
+
+    from preloaded.paths import Paths
+
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(Paths(path).socket)
+        except OSError:
+            return False
+    return True
 
 
 def pytest_sessionfinish(session, exitstatus):
