@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from conftest import PYTHON, cli, disable_fallback, make_bundle, native_only
+from conftest import PYTHON, cli, disable_fallback, make_bundle, native_only, need_native
 from test_differential import CASES, _explain, native_takes, run_both
 
 from preloaded import wire
@@ -100,6 +100,7 @@ def starters(tmp_path, light_bundle):
     rewritten from the same config, so only the kind of starter differs)."""
     from preloaded import cli as cli_module
 
+    need_native()
     config = starter_config(light_bundle)
 
     def write(kind: str, path=None, strict=False, **changes) -> str:
@@ -336,6 +337,7 @@ def test_terminal_runs_go_through_the_python_starter(native_bundle):
 
 
 def test_bundle_writes_a_native_starter_by_default(tmp_path):
+    need_native()
     out = tmp_path / "default.bin"
     proc = cli("bundle", "json", "-o", str(out))
     with open(out, "rb") as f:
@@ -361,6 +363,7 @@ def test_no_compiler_writes_the_python_starter(tmp_path):
 
 
 def test_the_build_is_cached_by_source_hash():
+    need_native()
     first = nativebuild.build()
     mtime = os.stat(first).st_mtime_ns
     assert nativebuild.build() == first and os.stat(first).st_mtime_ns == mtime

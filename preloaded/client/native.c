@@ -943,7 +943,8 @@ static ssize_t fill(int sock) {
 static int wake_pipe[2] = {-1, -1};
 static struct sigaction previous[65];
 /* The client's handlers: FORWARDED, then Ctrl-Z and SIGCONT (forwarded as well). */
-static const int CAUGHT[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT};
+static const int CAUGHT[] = {SIGINT,  SIGTERM, SIGHUP,  SIGQUIT,
+                             SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT};
 static int handled[COUNT(CAUGHT)], nhandled;
 static int tstp_ignored; /* the caller ignores SIGTSTP: forward it, never suspend */
 
@@ -1099,9 +1100,14 @@ static char request_buf[4 + MAX_FRAME + 1];
 static void follow_jupyter(void) {
 #ifdef __linux__
     const char *jupyter = getenv("JPY_PARENT_PID");
-    if (!jupyter || !*jupyter || strtol(jupyter, NULL, 10) != (long)getppid())
+    char parent[24];
+    snprintf(parent, sizeof parent, "%ld", (long)getppid());
+    if (!jupyter || strcmp(jupyter, parent) != 0) /* the same string, as starter.py compares */
         return;
-    if (prctl(PR_SET_PDEATHSIG, SIGHUP) == 0 && strtol(jupyter, NULL, 10) != (long)getppid())
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) != 0)
+        return;
+    snprintf(parent, sizeof parent, "%ld", (long)getppid());
+    if (strcmp(jupyter, parent) != 0)
         _exit(1); /* gone before the watch was set: as ipykernel's poller would */
 #endif
 }

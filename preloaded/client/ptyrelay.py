@@ -47,12 +47,15 @@ class PtyRelay:
         self.saved = None  # the caller's attributes when we took the terminal: restored after
         self.slave_attrs = None  # what we last gave the PTY (the program may change it since)
         self.raw = False  # the caller's terminal is in raw mode: ours to read and to restore
+        self.bg_modes = None  # the PTY's modes as the background found them (None: not looked)
         self.sock = None
         self.child_pid = None
         try:
             attrs = termios.tcgetattr(self.attr_fd)  # allowed from the background too
             termios.tcsetattr(self.slave, termios.TCSANOW, attrs)
-            self.saved = self.slave_attrs = attrs
+            self.saved = attrs
+            # As the PTY reports them (what later looks compare with), not as we asked.
+            self.slave_attrs = self.bg_modes = termios.tcgetattr(self.slave)
         except termios.error:
             pass
         self.copy_winsize()
@@ -88,6 +91,7 @@ class PtyRelay:
         try:
             termios.tcsetattr(self.term_in, termios.TCSANOW, _raw(attrs))  # keep type-ahead
             self.raw = True
+            self.bg_modes = None
         except termios.error:
             pass
         self.copy_winsize()
@@ -104,7 +108,7 @@ class PtyRelay:
             if termios.tcgetattr(self.master) != self.slave_attrs or attrs == self.slave_attrs:
                 return
             termios.tcsetattr(self.master, termios.TCSANOW, attrs)
-            self.slave_attrs = attrs
+            self.slave_attrs = termios.tcgetattr(self.master)
         except termios.error:
             pass
 
@@ -199,8 +203,28 @@ class PtyRelay:
             self.resume()  # brought to the foreground without a SIGCONT
             return
         self.copy_winsize()
-        if self.child_pid and reads_tty(self.child_pid, self.slave_rdev):
+        if self._modes_changed():
+            self._stop_like(_signal.SIGTTOU)  # python's tcsetattr would be stopped
+        elif self.child_pid and reads_tty(self.child_pid, self.slave_rdev):
             self._stop_like(_signal.SIGTTIN)  # python's read would be stopped: "(tty input)"
+
+    def _modes_changed(self) -> bool:
+        """True when the program set its terminal's modes since the run went to the background.
+
+        python doing so from the background is stopped (SIGTTOU: readline preparing ``input()``,
+        getpass, ``tty.setraw``). The program's PTY lets it: the change is seen after the fact,
+        at the next look (every BACKGROUND_POLL). Output written before the change is shown
+        first, as python's would have been; output written after it may be shown too.
+        """
+        if self.term_in is None:
+            return False
+        try:
+            modes = termios.tcgetattr(self.master)
+        except termios.error:
+            return False
+        changed = self.bg_modes is not None and modes != self.bg_modes
+        self.bg_modes = modes
+        return changed
 
     def _stop_like(self, signum: int) -> None:
         """Stop the run (child and client) as the kernel stops a background reader/writer."""
