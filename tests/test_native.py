@@ -62,8 +62,11 @@ class FakeServer:
                 continue
             with conn:
                 conn.settimeout(TIMEOUT)
-                self.requests.append(self._read(conn))
-                conn.sendall(self.answer)
+                try:
+                    self.requests.append(self._read(conn))
+                    conn.sendall(self.answer)
+                except OSError:  # the client hung up (it went cold)
+                    pass
 
     @staticmethod
     def _read(conn) -> bytes:
@@ -229,6 +232,16 @@ def test_ends_like_the_python_client(starters, name):
     assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
     if name in ("truncated-frame", "vanishes"):
         assert py.stderr == b"py-preload: lost the server during the run\n"
+
+
+def test_request_too_big_runs_cold_like_the_python_client(starters):
+    """Arguments that make the frame pass 1 MiB: the Python client warns and runs cold; the
+    native one leaves it to the Python starter, which does the same."""
+    args = ["-c", "import sys; print(sum(map(len, sys.argv[1:])))"] + ["x" * 120000] * 5
+    results = both(starters, OK, args, env=ENV, strict=False)
+    (py, _), (nat, _) = results["python"], results["native"]
+    assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
+    assert py.stdout == b"600000\n" and b"exceeds 1048576" in py.stderr
 
 
 def test_lost_server_with_stderr_closed(starters):
