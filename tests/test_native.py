@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -347,6 +348,25 @@ def test_terminal_runs_go_through_the_python_starter(native_bundle):
 
 
 # ---- the build, and the tools that read a starter -----------------------------------------
+
+
+def _c_array(source: str, name: str) -> list:
+    """The items of the C array ``name`` in native.c (identifiers or string literals)."""
+    body = re.search(name + r"\[\] = \{(.*?)\};", source, re.S).group(1)
+    return [item.strip().strip('"') for item in body.split(",") if item.strip()]
+
+
+def test_native_mirrors_the_python_starters_lists():
+    """The C client's copies of the Python starter's decisions must not drift from them."""
+    from preloaded.client import signals, starter
+
+    with open(nativebuild.SOURCE, encoding="utf-8") as f:
+        source = f.read()
+    assert _c_array(source, "COLD_ENV") == list(starter.COLD_ENV)
+    assert _c_array(source, "FORWARDED") == list(signals.FORWARDED)
+    assert _c_array(source, "INHERITABLE") == list(signals.INHERITABLE)
+    assert _c_array(source, "CAUGHT") == list(signals.FORWARDED) + ["SIGTSTP", "SIGCONT"]
+    assert set(starter.WARM_FLAGS) == set("uBiq")  # parse_args in native.c knows these four
 
 
 def test_bundle_writes_a_native_starter_by_default(tmp_path):
