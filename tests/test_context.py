@@ -40,6 +40,11 @@ with open("/proc/self/status") as f:
             out[key] = value.strip()
 out["cgroup"] = open("/proc/self/cgroup").read().split()
 out["oom_score_adj"] = open("/proc/self/oom_score_adj").read().strip()
+out["personality"] = open("/proc/self/personality").read().strip()
+if os.uname().machine in ("x86_64", "aarch64"):
+    import ctypes
+    number = 252 if os.uname().machine == "x86_64" else 31
+    out["ioprio"] = hex(ctypes.CDLL(None).syscall(number, 1, os.getpid()))
 if "ns" in sys.argv[1:]:  # a wrapper that makes new namespaces makes new ones for each run
     out["ns"] = {n: os.readlink("/proc/self/ns/" + n) for n in sorted(os.listdir("/proc/self/ns"))}
 if "torch" in sys.argv[1:]:
@@ -154,6 +159,20 @@ def test_affinity(bundle, probe):
 def test_oom_score_adj(bundle, probe):
     needs("choom")
     assert "oom_score_adj 500" in compare(bundle, probe, ["choom", "-n", "500", "--"])
+
+
+@pytest.mark.parametrize("klass", ["3", "2 -n 7"])
+def test_io_priority(bundle, probe, klass):
+    needs("ionice")
+    compare(bundle, probe, ["ionice", "-c", *klass.split()])
+
+
+def test_personality_goes_cold(bundle, probe):
+    """setarch -R (no ASLR): a fork keeps the server's address-space layout."""
+    needs("setarch")
+    out = compare(bundle, probe, ["setarch", "-R"], warm=False)
+    assert "personality 00040000" in out
+    assert "goes cold: personality 0x40000 differs" in log_text(bundle)
 
 
 def test_supplementary_groups(bundle, probe):

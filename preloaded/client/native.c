@@ -601,11 +601,14 @@ static int send_all(int sock, const char *buf, size_t len) {
  * before reading it is no error: its reply says why. */
 static int send_request(int sock, const struct out *o) {
     int fds[3] = {0, 1, 2};
-    char control[CMSG_SPACE(sizeof fds)];
-    memset(control, 0, sizeof control);
+    union { /* aligned for the cmsghdr written into it */
+        char buf[CMSG_SPACE(sizeof fds)];
+        struct cmsghdr header;
+    } control;
+    memset(&control, 0, sizeof control);
     struct iovec iov = {.iov_base = o->buf, .iov_len = o->len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-                         .msg_controllen = sizeof control};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
     cm->cmsg_level = SOL_SOCKET;
     cm->cmsg_type = SCM_RIGHTS;
@@ -637,7 +640,7 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, stale, cold;
+    int started, has_exit, has_signal, has_error, cold;
     long long exit, signal;
     char error[1024];
 };
@@ -862,7 +865,6 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
             if (present == &r->has_error && s.p < s.end && *s.p == '"') {
                 if (scan_string(&s, r->error, sizeof r->error) < 0)
                     return -1;
-                r->stale = strcmp(r->error, "stale") == 0;
             } else if ((present == &r->has_exit || present == &r->has_signal) && s.p < s.end &&
                        (*s.p == '-' || (*s.p >= '0' && *s.p <= '9'))) {
                 int integer;
@@ -1022,7 +1024,7 @@ static void exit_like_signal(long long value) {
         sigaction((int)value, &dfl, NULL);
         kill(getpid(), (int)value);
     }
-    _exit((int)((128 + value) & 0xFF));
+    _exit((int)(((unsigned long long)value + 128) & 0xFF)); /* os._exit(128 + value) */
 }
 
 static void fail(const char *message, const char *detail) {
@@ -1039,7 +1041,7 @@ static void act_on_frames(void) {
     int rc;
     while ((rc = next_frame(&r, why, sizeof why)) == 1) {
         if (r.has_exit == 1)
-            _exit((int)(r.exit & 0xFF));
+            _exit((int)((unsigned long long)r.exit & 0xFF));
         if (r.has_signal == 1)
             exit_like_signal(r.signal);
         if (r.has_exit || r.has_signal)

@@ -46,6 +46,8 @@ def take_on(changes: dict) -> str | None:
         _limits(changes.get("limits", {}))
         if "nice" in changes:
             os.setpriority(os.PRIO_PROCESS, 0, changes["nice"])
+        if "ioprio" in changes:
+            _ioprio_set(changes["ioprio"])
         if "oom_score_adj" in changes:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write(str(changes["oom_score_adj"]))
@@ -68,6 +70,14 @@ def _limits(limits: dict) -> None:
     # Both at once: the kernel checks the new soft limit against the new hard one.
     for number, (soft, hard) in limits.items():
         resource.setrlimit(int(number), (soft, hard))
+
+
+def _ioprio_set(value: int) -> None:
+    from preloaded.server.peer import IOPRIO_SYSCALLS, IOPRIO_WHO_PROCESS
+
+    number = IOPRIO_SYSCALLS[os.uname().machine][1]
+    if _libc().syscall(number, IOPRIO_WHO_PROCESS, 0, value) != 0:
+        raise Refused(f"ioprio_set: {os.strerror(ctypes.get_errno())}")
 
 
 def _threads(counts: dict) -> None:

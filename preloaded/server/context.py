@@ -49,6 +49,11 @@ class Planner:
             raise Cold(f"scheduling policy {caller['policy']} differs from the server's")
         if caller["oom_score_adj"] != own["oom_score_adj"]:
             changes["oom_score_adj"] = caller["oom_score_adj"]
+        if None not in (caller["ioprio"], own["ioprio"]) and caller["ioprio"] != own["ioprio"]:
+            changes["ioprio"] = caller["ioprio"]
+        if caller["personality"] not in (None, own["personality"]):
+            raise Cold(f"personality {caller['personality']:#x} differs from the server's"
+                       f" {own['personality']:#x} (a fork keeps the server's address space)")
         if caller["affinity"] != own["affinity"]:
             changes["affinity"] = caller["affinity"]
         if caller["cgroup"] != own["cgroup"]:

@@ -12,6 +12,7 @@ another process meanwhile) and still connected.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import socket
@@ -20,6 +21,9 @@ import struct
 # /proc/<pid>/limits lists the resources in their RLIMIT_* order (0..15 on Linux).
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time",
               "time_for_children", "user", "uts")  # fmt: skip
+# (ioprio_get, ioprio_set) syscall numbers: the os module has no ioprio API.
+IOPRIO_SYSCALLS = {"x86_64": (252, 251), "aarch64": (31, 30)}
+IOPRIO_WHO_PROCESS = 1
 _STATUS_KEYS = {"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                 "NoNewPrivs", "Seccomp", "Seccomp_filters", "VmSize", "VmData"}  # fmt: skip
 
@@ -86,6 +90,7 @@ def read_context(pid, lsm: bool = True) -> dict:
         affinity = sorted(os.sched_getaffinity(numeric))
         policy = os.sched_getscheduler(numeric)
         oom = int(_read(f"{base}/oom_score_adj"))
+        personality = _personality(base)
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise PeerGone(str(exc)) from exc
     return {
@@ -97,6 +102,7 @@ def read_context(pid, lsm: bool = True) -> dict:
         "vm": [status.get("VmSize"), status.get("VmData")],
         "limits": limits, "nice": nice, "affinity": affinity, "policy": policy,
         "cgroup": cgroup, "oom_score_adj": oom, "ns": _namespaces(base),
+        "ioprio": ioprio_get(numeric), "personality": personality,
         "label": _label(base) if lsm else None,
     }  # fmt: skip
 
@@ -157,6 +163,23 @@ def _label(base: str) -> str | None:
     try:
         return _read(f"{base}/attr/current").rstrip("\0\n")
     except OSError:
+        return None
+
+
+def ioprio_get(pid: int) -> int | None:
+    """The I/O priority (`ionice`) of ``pid``, or None where it cannot be read here."""
+    numbers = IOPRIO_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        return None
+    value = ctypes.CDLL(None, use_errno=True).syscall(numbers[0], IOPRIO_WHO_PROCESS, pid)
+    return None if value < 0 else value
+
+
+def _personality(base: str) -> int | None:
+    """The execution domain flags (`setarch -R`...), or None where ptrace rules hide them."""
+    try:
+        return int(_read(f"{base}/personality"), 16)
+    except PermissionError:
         return None
 
 
