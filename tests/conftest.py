@@ -48,6 +48,16 @@ def make_bundle(path, *modules, idle_timeout=600, client=None) -> str:
     return str(path)
 
 
+def need_native() -> None:
+    """Skip the test where no C compiler can build the native client."""
+    from preloaded.install import nativebuild
+
+    try:
+        nativebuild.build()
+    except nativebuild.BuildError as exc:
+        pytest.skip(f"no native client here: {exc}")
+
+
 def native_only(path, *modules, binary=None) -> str:
     """A native starter whose server runs, and which cannot fall back to Python.
 
@@ -57,8 +67,7 @@ def native_only(path, *modules, binary=None) -> str:
     server is started first, through the intact starter, and the file keeps its mtime (the
     server would retire as stale otherwise).
     """
-    from preloaded.client import native
-
+    need_native()
     make_bundle(path, *modules, idle_timeout=3600, client="native")
     if binary:  # another build of the client (the sanitized one)
         from preloaded.install import installer, nativebuild
@@ -129,14 +138,36 @@ def light_bundle(bundle_dir):
 @pytest.fixture(scope="session")
 def native_bundle(bundle_dir):
     """The light bundle as a native starter (it falls back to Python where it must)."""
+    need_native()
     return make_bundle(os.path.join(bundle_dir, "python-light-native.bin"), "json", "decimal",
                        client="native")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def native_strict(bundle_dir):
-    """The light bundle as a native starter that cannot fall back: see ``native_only``."""
-    return native_only(os.path.join(bundle_dir, "python-light-strict.bin"), "json", "decimal")
+    """The light bundle as a native starter that cannot fall back: see ``native_only``. Made
+    again for a module when its server is gone (a test module in between stopped every server
+    of the session: its runs cannot start one)."""
+    path = os.path.join(bundle_dir, "python-light-strict.bin")
+    if not serving(path):
+        native_only(path, "json", "decimal")
+    return path
+
+
+def serving(path) -> bool:
+    """Whether a server of the bundle ``path`` listens on its socket."""
+    import socket
+
+    from preloaded.paths import Paths
+
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(Paths(path).socket)
+        except OSError:
+            return False
+    return True
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -19,7 +20,7 @@ import threading
 import time
 
 import pytest
-from conftest import PYTHON, cli, disable_fallback, make_bundle, native_only
+from conftest import PYTHON, cli, disable_fallback, make_bundle, native_only, need_native
 from test_differential import CASES, _explain, native_takes, run_both
 
 from preloaded import wire
@@ -62,8 +63,11 @@ class FakeServer:
                 continue
             with conn:
                 conn.settimeout(TIMEOUT)
-                self.requests.append(self._read(conn))
-                conn.sendall(self.answer)
+                try:
+                    self.requests.append(self._read(conn))
+                    conn.sendall(self.answer)
+                except OSError:  # the client hung up (it went cold)
+                    pass
 
     @staticmethod
     def _read(conn) -> bytes:
@@ -100,6 +104,7 @@ def starters(tmp_path, light_bundle):
     rewritten from the same config, so only the kind of starter differs)."""
     from preloaded import cli as cli_module
 
+    need_native()
     config = starter_config(light_bundle)
 
     def write(kind: str, path=None, strict=False, **changes) -> str:
@@ -230,6 +235,16 @@ def test_ends_like_the_python_client(starters, name):
         assert py.stderr == b"py-preload: lost the server during the run\n"
 
 
+def test_request_too_big_runs_cold_like_the_python_client(starters):
+    """Arguments that make the frame pass 1 MiB: the Python client warns and runs cold; the
+    native one leaves it to the Python starter, which does the same."""
+    args = ["-c", "import sys; print(sum(map(len, sys.argv[1:])))"] + ["x" * 120000] * 5
+    results = both(starters, OK, args, env=ENV, strict=False)
+    (py, _), (nat, _) = results["python"], results["native"]
+    assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
+    assert py.stdout == b"600000\n" and b"exceeds 1048576" in py.stderr
+
+
 def test_lost_server_with_stderr_closed(starters):
     """The last line goes to a pipe nobody reads: the write fails (a SIGPIPE would kill the C
     client; python ignores SIGPIPE) and the Python client exits 120, failing to flush."""
@@ -335,7 +350,27 @@ def test_terminal_runs_go_through_the_python_starter(native_bundle):
 # ---- the build, and the tools that read a starter -----------------------------------------
 
 
+def _c_array(source: str, name: str) -> list:
+    """The items of the C array ``name`` in native.c (identifiers or string literals)."""
+    body = re.search(name + r"\[\] = \{(.*?)\};", source, re.S).group(1)
+    return [item.strip().strip('"') for item in body.split(",") if item.strip()]
+
+
+def test_native_mirrors_the_python_starters_lists():
+    """The C client's copies of the Python starter's decisions must not drift from them."""
+    from preloaded.client import signals, starter
+
+    with open(nativebuild.SOURCE, encoding="utf-8") as f:
+        source = f.read()
+    assert _c_array(source, "COLD_ENV") == list(starter.COLD_ENV)
+    assert _c_array(source, "FORWARDED") == list(signals.FORWARDED)
+    assert _c_array(source, "INHERITABLE") == list(signals.INHERITABLE)
+    assert _c_array(source, "CAUGHT") == list(signals.FORWARDED) + ["SIGTSTP", "SIGCONT"]
+    assert set(starter.WARM_FLAGS) == set("uBiq")  # parse_args in native.c knows these four
+
+
 def test_bundle_writes_a_native_starter_by_default(tmp_path):
+    need_native()
     out = tmp_path / "default.bin"
     proc = cli("bundle", "json", "-o", str(out))
     with open(out, "rb") as f:
@@ -361,6 +396,7 @@ def test_no_compiler_writes_the_python_starter(tmp_path):
 
 
 def test_the_build_is_cached_by_source_hash():
+    need_native()
     first = nativebuild.build()
     mtime = os.stat(first).st_mtime_ns
     assert nativebuild.build() == first and os.stat(first).st_mtime_ns == mtime

@@ -247,6 +247,17 @@ def test_coverage_run_of_a_module_in_the_server(plugin_python, plugin_bundle, pr
     assert "cold run: -m coverage" in log_text(plugin_bundle)
 
 
+def test_coverage_console_script(plugin_python, plugin_bundle, project):
+    """``STARTER .venv/bin/coverage run ...``: the console script, run by the starter."""
+    with open(project / "script.py", "a", encoding="utf-8") as f:
+        f.write("import fakeplug\n")
+    script = os.path.join(os.path.dirname(PYTHON), "coverage")
+    for args in (["run", "--source=fakeplug,.", "script.py"], ["report"]):
+        expected = compare(plugin_python, plugin_bundle, [script, *args], project)
+    assert "fakeplug.py" in expected.stdout and "100%" in expected.stdout
+    assert "(coverage) must see the program" in log_text(plugin_bundle)
+
+
 def test_coverage_process_start_runs_cold(plugin_python, plugin_bundle, project):
     """COVERAGE_PROCESS_START acts through a .pth at interpreter start-up (none is installed
     here: both runs simply run, and the server must not serve it warm)."""

@@ -601,11 +601,14 @@ static int send_all(int sock, const char *buf, size_t len) {
  * before reading it is no error: its reply says why. */
 static int send_request(int sock, const struct out *o) {
     int fds[3] = {0, 1, 2};
-    char control[CMSG_SPACE(sizeof fds)];
-    memset(control, 0, sizeof control);
+    union { /* aligned for the cmsghdr written into it */
+        char buf[CMSG_SPACE(sizeof fds)];
+        struct cmsghdr header;
+    } control;
+    memset(&control, 0, sizeof control);
     struct iovec iov = {.iov_base = o->buf, .iov_len = o->len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-                         .msg_controllen = sizeof control};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
     cm->cmsg_level = SOL_SOCKET;
     cm->cmsg_type = SCM_RIGHTS;
@@ -637,7 +640,7 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, stale, cold;
+    int started, has_exit, has_signal, has_error, cold;
     long long exit, signal;
     char error[1024];
 };
@@ -862,7 +865,6 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
             if (present == &r->has_error && s.p < s.end && *s.p == '"') {
                 if (scan_string(&s, r->error, sizeof r->error) < 0)
                     return -1;
-                r->stale = strcmp(r->error, "stale") == 0;
             } else if ((present == &r->has_exit || present == &r->has_signal) && s.p < s.end &&
                        (*s.p == '-' || (*s.p >= '0' && *s.p <= '9'))) {
                 int integer;
@@ -942,7 +944,11 @@ static ssize_t fill(int sock) {
 
 static int wake_pipe[2] = {-1, -1};
 static struct sigaction previous[65];
-static int handled[COUNT(FORWARDED) + 1], nhandled;
+/* The client's handlers: FORWARDED, then Ctrl-Z and SIGCONT (forwarded as well). */
+static const int CAUGHT[] = {SIGINT,  SIGTERM, SIGHUP,  SIGQUIT,
+                             SIGUSR1, SIGUSR2, SIGTSTP, SIGCONT};
+static int handled[COUNT(CAUGHT)], nhandled;
+static int tstp_ignored; /* the caller ignores SIGTSTP: forward it, never suspend */
 
 static void on_signal(int signum) { /* only wakes the loop, like signal.set_wakeup_fd */
     int saved = errno;
@@ -966,15 +972,15 @@ static void install(int signum) {
     sigaction(signum, &sa, NULL);
 }
 
-/* Handlers for the forwarded signals and SIGTSTP, except those the caller ignores (the
- * child ignores them too). */
+/* Handlers for the forwarded signals, SIGTSTP and SIGCONT, those the caller ignores too: the
+ * child starts with them ignored, as python would, but a handler the program installs must
+ * still get them (signals.py, Signals). */
 static int install_handlers(void) {
     if (pipe2(wake_pipe, O_NONBLOCK | O_CLOEXEC) < 0)
         return -1;
-    for (size_t k = 0; k <= COUNT(FORWARDED); k++) {
-        int signum = k < COUNT(FORWARDED) ? FORWARDED[k] : SIGTSTP;
-        if (is_ignored(signum))
-            continue;
+    tstp_ignored = is_ignored(SIGTSTP);
+    for (size_t k = 0; k < COUNT(CAUGHT); k++) {
+        int signum = CAUGHT[k];
         sigaction(signum, NULL, &previous[signum]);
         install(signum);
         handled[nhandled++] = signum;
@@ -997,7 +1003,7 @@ static void restore_handlers(void) {
     close(wake_pipe[1]);
 }
 
-/* Ctrl-Z: stop the child, then ourselves; on SIGCONT have the child continue. */
+/* Ctrl-Z: stop the child, then ourselves; the SIGCONT handler has the child continue. */
 static void suspend(int sock) {
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
@@ -1005,8 +1011,7 @@ static void suspend(int sock) {
     send_signal(sock, SIGSTOP);
     sigaction(SIGTSTP, &dfl, NULL);
     kill(getpid(), SIGTSTP);
-    install(SIGTSTP);
-    send_signal(sock, SIGCONT);
+    install(SIGTSTP); /* the SIGCONT that continued us is forwarded from the wake pipe */
 }
 
 /* ---- the end: mirror the child's status (run.py exit_like) ------------------------------- */
@@ -1019,7 +1024,7 @@ static void exit_like_signal(long long value) {
         sigaction((int)value, &dfl, NULL);
         kill(getpid(), (int)value);
     }
-    _exit((int)((128 + value) & 0xFF));
+    _exit((int)(((unsigned long long)value + 128) & 0xFF)); /* os._exit(128 + value) */
 }
 
 static void fail(const char *message, const char *detail) {
@@ -1036,7 +1041,7 @@ static void act_on_frames(void) {
     int rc;
     while ((rc = next_frame(&r, why, sizeof why)) == 1) {
         if (r.has_exit == 1)
-            _exit((int)(r.exit & 0xFF));
+            _exit((int)((unsigned long long)r.exit & 0xFF));
         if (r.has_signal == 1)
             exit_like_signal(r.signal);
         if (r.has_exit || r.has_signal)
@@ -1063,7 +1068,7 @@ static void wait_for_status(int sock) {
             unsigned char signums[64];
             ssize_t n = read(wake_pipe[0], signums, sizeof signums);
             for (ssize_t k = 0; k < n; k++) {
-                if (signums[k] == SIGTSTP)
+                if (signums[k] == SIGTSTP && !tstp_ignored)
                     suspend(sock);
                 else
                     send_signal(sock, signums[k]);
@@ -1097,9 +1102,14 @@ static char request_buf[4 + MAX_FRAME + 1];
 static void follow_jupyter(void) {
 #ifdef __linux__
     const char *jupyter = getenv("JPY_PARENT_PID");
-    if (!jupyter || !*jupyter || strtol(jupyter, NULL, 10) != (long)getppid())
+    char parent[24];
+    snprintf(parent, sizeof parent, "%ld", (long)getppid());
+    if (!jupyter || strcmp(jupyter, parent) != 0) /* the same string, as starter.py compares */
         return;
-    if (prctl(PR_SET_PDEATHSIG, SIGHUP) == 0 && strtol(jupyter, NULL, 10) != (long)getppid())
+    if (prctl(PR_SET_PDEATHSIG, SIGHUP) != 0)
+        return;
+    snprintf(parent, sizeof parent, "%ld", (long)getppid());
+    if (strcmp(jupyter, parent) != 0)
         _exit(1); /* gone before the watch was set: as ipykernel's poller would */
 #endif
 }

@@ -75,7 +75,7 @@ def run(config: dict, bundle: str, cmd, args: list):
         sock = open_server(config, bundle)
         # Handlers go in before raw mode and before the child exists: a signal that comes while
         # the run starts is forwarded once it has started, and never leaves the terminal raw.
-        signals = Signals(tty="tty" in kinds, ignored=ignored)
+        signals = Signals(tty="tty" in kinds)
         started = False
         try:
             relay = None
@@ -83,7 +83,7 @@ def run(config: dict, bundle: str, cmd, args: list):
             if "tty" in kinds:
                 from preloaded.client.ptyrelay import PtyRelay
 
-                relay = PtyRelay(kinds)
+                relay = PtyRelay(kinds, ignored)
                 fds = relay.child_fds()
             else:
                 fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
@@ -91,7 +91,7 @@ def run(config: dict, bundle: str, cmd, args: list):
             if "started" in reply:
                 started = True
                 hide_arguments()  # pgrep -f / pkill -f must find the program's process only
-                return _wait(sock, reader, relay, signals.rfd)
+                return _wait(sock, reader, relay, signals.rfd, reply["started"], ignored)
             sock.close()
             if relay:
                 relay.close()
@@ -119,17 +119,17 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDWR)
 
 
-def _wait(sock, reader, relay, wakeup_fd):
+def _wait(sock, reader, relay, wakeup_fd, child_pid, ignored: list):
     """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
     try:
         if relay:
-            return relay.run(sock, reader, wakeup_fd)
-        return _wait_pipes(sock, reader, wakeup_fd)
+            return relay.run(sock, reader, wakeup_fd, child_pid)
+        return _wait_pipes(sock, reader, wakeup_fd, ignored)
     finally:
         sock.close()
 
 
-def _wait_pipes(sock, reader, wakeup_fd):
+def _wait_pipes(sock, reader, wakeup_fd, ignored: list):
     import select
 
     sock_fd = sock.fileno()
@@ -137,7 +137,7 @@ def _wait_pipes(sock, reader, wakeup_fd):
         ready, _, _ = select.select([sock_fd, wakeup_fd], [], [])
         if wakeup_fd in ready:
             for signum in os.read(wakeup_fd, 64):
-                if signum == _signal.SIGTSTP:
+                if signum == _signal.SIGTSTP and signum not in ignored:
                     suspend(sock, None)
                 else:
                     send_signal(sock, signum)

@@ -11,7 +11,8 @@ import os
 from preloaded.client.connection import send_signal
 
 # Signals the client passes on to the child; the client itself keeps running until the child's
-# status comes back, so that it can mirror it.
+# status comes back, so that it can mirror it. SIGCONT is passed on as well; SIGSTOP cannot be
+# caught: the server sees this process stopped and stops the child (see server/loop.py).
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 # Dispositions a child inherits from its caller when they are "ignore" (nohup ignores SIGHUP,
@@ -27,16 +28,17 @@ def ignored_signals() -> list:
 class Signals:
     """The client's handlers during a run: they only write the signal number to a pipe."""
 
-    def __init__(self, tty: bool, ignored: list) -> None:
+    def __init__(self, tty: bool) -> None:
         self.rfd, self.wfd = os.pipe()
         os.set_blocking(self.rfd, False)
         os.set_blocking(self.wfd, False)
         self.old_wakeup = _signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        # Signals the caller ignored are caught and forwarded too: the child starts with them
+        # ignored, as python would, but a handler the program installs must still get them.
         handled = [getattr(_signal, name) for name in FORWARDED]
-        handled.append(_signal.SIGTSTP)
+        handled += [_signal.SIGTSTP, _signal.SIGCONT]
         if tty:
-            handled += [_signal.SIGWINCH, _signal.SIGCONT]
-        handled = [s for s in handled if s not in ignored]  # the child ignores them too
+            handled.append(_signal.SIGWINCH)
         self.previous = {signum: _signal.signal(signum, noop) for signum in handled}
 
     def restore(self, redeliver: bool) -> None:
@@ -62,20 +64,23 @@ def noop(signum, frame) -> None:
     """Python-level handler: the C handler writes the number to the wakeup fd; that is all."""
 
 
-def suspend(sock, relay) -> None:
-    """Ctrl-Z: stop the child, give the terminal back to the shell, and stop ourselves.
+def suspend(sock, relay, signum: int = _signal.SIGTSTP) -> None:
+    """Stop the run: the child, then this process by ``signum``; on SIGCONT, go on.
 
-    The child's process group is orphaned (its parent, the server, is in another session), so
-    the kernel discards SIGTSTP there: the child gets SIGSTOP instead. On SIGCONT (``fg``) the
-    terminal goes back to raw mode and the child continues.
+    Ctrl-Z (SIGTSTP), or a background run that touches the terminal where python would be
+    stopped (SIGTTIN, SIGTTOU): the shell then shows the job stopped for the same reason. The
+    child's process group is orphaned (its parent, the server, is in another session), so the
+    kernel discards SIGTSTP there: the child gets SIGSTOP instead. On SIGCONT (``fg`` or
+    ``bg``) the relay takes the terminal again only if it is ours, and the SIGCONT is forwarded.
     """
     send_signal(sock, _signal.SIGSTOP)
     if relay:
         relay.restore()
-    _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
-    os.kill(os.getpid(), _signal.SIGTSTP)
+    previous = _signal.signal(signum, _signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
     # ... stopped here until the shell continues us ...
-    _signal.signal(_signal.SIGTSTP, noop)
+    _signal.signal(signum, previous)
     if relay:
         relay.resume()
-    send_signal(sock, _signal.SIGCONT)
+    # The child continues when our SIGCONT handler's wakeup is read: it forwards the signal
+    # (sending it here as well would run a handler the program has for SIGCONT twice).

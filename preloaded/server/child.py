@@ -20,7 +20,7 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import fastexit, learn, proctitle, stdio
+from preloaded.server import become, fastexit, learn, proctitle, stdio
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
@@ -132,6 +132,8 @@ def _receive(channel: int, setup: Setup) -> tuple:
             break
     for signum in request["ignored"]:  # inherited "ignore" survives exec, and python leaves it so
         signal.signal(signum, signal.SIG_IGN)
+    if "context" in request:  # the caller's limits, nice, cgroup, privilege...: before the go
+        become.answer(channel, request.pop("context"))
     while _recvmsg(channel)[0]:  # wait for the "go": EOF once the client was told "started"
         pass
     os.close(channel)

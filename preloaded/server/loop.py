@@ -23,8 +23,11 @@ from preloaded.paths import Paths
 from preloaded.server import budget, control, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
+from preloaded.server.context import Gate
+from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
 from preloaded.server.standby import StandbyPool, kill, pool_size
+from preloaded.server.stops import ClientStops
 
 ALREADY_RUNNING = 3
 KILL_GRACE = 0.5  # after SIGHUP, a child whose client is gone gets SIGKILL this much later
@@ -77,6 +80,7 @@ class Server:
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
+        self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -140,6 +144,7 @@ class Server:
             for key, _mask in events:
                 key.data(key.fileobj)
             self._check_deadlines()
+            self.stops.check(self.children)
             self._check_socket()
             self._learn_step()
             if not events and self._refill_in() == 0.0:
@@ -175,7 +180,7 @@ class Server:
         if self._can_learn():
             return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
-        limits = [1.0]
+        limits = [1.0, self.stops.due_in(self.children, now)]
         limits += [deadline - now for deadline in self.learner.deadlines()]
         for conn in self.conns.values():
             limits.append((conn.kill_at or conn.deadline) - now)
@@ -239,13 +244,13 @@ class Server:
             except OSError as exc:  # EMFILE and friends: drop this round, keep serving
                 log(f"accept failed: {exc}")
                 return
-            if not _peer_is_us(sock):
+            conn = Conn(sock)
+            if not _admit(conn):
                 log("refused a connection from another user")
-                Conn(sock).reply({"error": "connection from another user refused"})
-                sock.close()
+                conn.reply({"error": "connection from another user refused"})
+                self._close(conn)
                 continue
             sock.setblocking(False)
-            conn = Conn(sock)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, self._handle_readable)
 
@@ -303,8 +308,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if tools.sent_back_cold(conn, frame, log):  # python itself must run it
-            return self._close(conn)
+        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
+            return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
 
     def status(self) -> dict:
@@ -325,7 +330,9 @@ class Server:
     def _fork(self, conn: Conn, request: dict) -> None:
         """Hand ``request`` to the parked standby (forking one now if none is parked)."""
         try:  # the fds stay in conn.fds meanwhile: a standby forked now must not keep them
-            standby = self.pool.hand_over(request, conn.fds)
+            standby = self.pool.hand_over(request, conn.fds, conn.changes)
+        except Cold as exc:  # the child could not take on the caller's context
+            return self._close(GATE.tell_cold(conn, str(exc), log))
         except OSError as exc:  # EAGAIN (RLIMIT_NPROC, pids cgroup), ENOMEM: refuse this run only
             self._reject(conn, f"cannot fork: {exc.strerror}")  # closes conn.fds
             return
@@ -407,7 +414,7 @@ class Server:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
+        conn.close()
 
     def begin_stop(self, kill_children: bool = False, retry: dict = RETRY) -> None:
         """Stop taking runs: the socket goes away at once, running children finish (or not).
@@ -452,14 +459,22 @@ def _drain_backlog(listener, retry: dict) -> None:
 
 
 
-def _peer_is_us(sock: socket.socket) -> bool:
-    import struct
+GATE = Gate()  # each caller's process context, against the server's (see context.py)
 
+
+def _admit(conn: Conn) -> bool:
+    """Only our own uid may connect; its process is pinned at once (a pidfd)."""
+    if not _peer_is_us(conn.sock):
+        return False
+    conn.peer = Peer(conn.sock)  # its context is read when its request comes
+    return True
+
+
+def _peer_is_us(sock: socket.socket) -> bool:
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = credentials(sock)
     except OSError:
         return False
-    _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
 
 

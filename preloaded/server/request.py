@@ -78,6 +78,14 @@ class Conn:
         self.pid: int | None = None
         self.kill_at: float | None = None
         self.closed = False
+        self.client_stopped = False  # we stopped the child because its client was stopped
+        self.peer = None  # peer.Peer, pinned at accept
+        self.changes: dict = {}  # what its child changes to be its process (context.Gate)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.peer is not None:
+            self.peer.close()  # its pidfd
 
     def reply(self, obj) -> bool:
         """Send ``obj``; False if the client could not be told (gone, or not reading)."""

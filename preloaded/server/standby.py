@@ -15,6 +15,7 @@ import time
 
 from preloaded import wire
 from preloaded.server import child
+from preloaded.server.peer import Cold
 from preloaded.server.preload import HANDLED
 
 # When to fork the next standby (measured on 2 cores, torch server): not during a run just
@@ -50,20 +51,40 @@ class StandbyPool:
         self.last_hand_over = 0.0
         self.last_exit = 0.0
 
-    def hand_over(self, request: dict, fds: list) -> Standby:
+    def hand_over(self, request: dict, fds: list, context: dict | None = None) -> Standby:
         """Send the request and the caller's fds to a standby; return it. A standby that died
-        while parked (its end of the channel is closed) is discarded and a fresh one tried."""
+        while parked (its end of the channel is closed) is discarded and a fresh one tried.
+
+        ``context``: what the child changes to be the caller's process (context.Planner); it
+        answers once it did, and raises Cold (the standby gone) if it could not."""
+        if context:
+            request = dict(request, context=context)
         for _attempt in range(3):
             standby = self.parked.pop(0) if self.parked else self.spawn()
             try:
                 standby.channel.settimeout(HAND_OVER_TIMEOUT)  # it reads at once: it is parked
                 wire.send(standby.channel, request, fds)
                 self.last_hand_over = time.monotonic()
-                return standby
             except OSError as exc:
                 self.log(f"standby {standby.pid} lost ({exc}): forking another")
                 self.discard(standby)
+                continue
+            if context:
+                self._await_ready(standby)
+            return standby
         raise OSError(0, "every standby died before its hand-over")
+
+    def _await_ready(self, standby: Standby) -> None:
+        """The child's answer once it took on the caller's context; Cold if it could not."""
+        try:
+            answer = wire.recv_frame(standby.channel, wire.FrameReader())
+        except (OSError, EOFError, wire.ProtocolError) as exc:
+            answer = {"cold": f"the child did not take on the caller's context ({exc})"}
+        if not isinstance(answer, dict) or answer.get("ready") is not True:
+            # Killed before its channel closes: EOF would be its "go".
+            kill(standby.pid, signal.SIGKILL, group=False)
+            self.discard(standby)
+            raise Cold(str(answer.get("cold") if isinstance(answer, dict) else answer))
 
     def spawn(self) -> Standby:
         """Fork a child that parks until a run is handed to it (see child.park)."""
