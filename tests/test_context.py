@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from conftest import PYTHON, cli, make_bundle
+from conftest import PYTHON, REPO, cli, make_bundle
 
 TIMEOUT = 120
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the wrappers need root")
@@ -322,6 +322,42 @@ def remove_cgroups(made: list) -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+HAND_OFF = r"""
+import json, os, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+from preloaded import wire
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[2])  # SO_PEERCRED: this process
+connected = os.getpid()
+if os.fork():
+    os._exit(0)  # the process that connected is gone before its request comes
+deadline = time.monotonic() + 30
+while os.path.exists(f"/proc/{connected}") and time.monotonic() < deadline:
+    time.sleep(0.01)  # until its parent reaped it: its pid is free for another process
+request = {"v": 1, "mode": "code", "target": f"open({sys.argv[3]!r}, 'w').close()",
+           "argv": ["-c"], "orig_argv": [sys.executable], "cwd": "/", "env": {}, "umask": 0o22,
+           "flags": {"u": False, "B": False, "i": False, "q": False, "W": []},
+           "stdio": ["pipe", "pipe", "pipe"], "ignored": []}
+null = os.open(os.devnull, os.O_RDWR)
+wire.send(sock, request, [null, null, null])
+print(json.dumps(wire.recv_frame(sock, wire.FrameReader())), flush=True)
+"""
+
+
+def test_a_request_from_another_process_than_the_one_that_connected(bundle, tmp_path):
+    """The process that connected exits; its child, which inherited the socket, sends the
+    request. The context read must never be that of whatever process holds the pid by then:
+    the pidfd says the caller is gone, the run goes cold, and nothing runs warm."""
+    marker = tmp_path / "ran"
+    proc = subprocess.Popen([PYTHON, "-c", HAND_OFF, REPO, status(bundle)["socket"],
+                             str(marker)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc.wait(TIMEOUT)  # the process that connected
+    reply = json.loads(proc.stdout.readline())  # its child's (it holds the pipe)
+    assert "cold" in reply and "exited" in reply["cold"], reply
+    assert not marker.exists()
+    assert "goes cold: the caller exited before its context was read" in log_text(bundle)
 
 
 def test_cgroup(bundle, probe, tmp_path):

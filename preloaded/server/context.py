@@ -124,8 +124,10 @@ class Gate:
         try:
             if self.planner is None:
                 self.planner = Planner()
-            caller = peer.read_context(pinned.pid, lsm=self.planner.own["label"] is not None)
             if not pinned.still_there(sock):
+                raise peer.PeerGone("the caller exited before its context was read")
+            caller = peer.read_context(pinned.pid, lsm=self.planner.own["label"] is not None)
+            if not pinned.still_there(sock):  # what was read may be another process's
                 raise peer.PeerGone("the caller exited (its pid may be reused) while read")
             return self.planner.plan(caller, env)
         except Cold:

@@ -5,8 +5,9 @@ that connected (the starter), with its resource limits, nice value, affinity, cg
 capabilities and namespaces. The server reads them here, so that no client has to send them
 (the native client stays small, and a client cannot lie about its own privilege).
 
-The pid comes from SO_PEERCRED. A pidfd opened at accept pins it: ``Peer.still_there`` checks,
-after everything was read, that this process is still alive (so the pid was not reused by
+The pid comes from SO_PEERCRED. A pidfd pins the process: SO_PEERPIDFD (Linux 6.5) gives the
+one that connected, race-free; before that, pidfd_open at accept. ``Peer.still_there`` checks,
+after everything was read, that this process is still alive (so its pid was not reused by
 another process meanwhile) and still connected.
 """
 
@@ -24,6 +25,7 @@ NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time",
 # (ioprio_get, ioprio_set) syscall numbers: the os module has no ioprio API.
 IOPRIO_SYSCALLS = {"x86_64": (252, 251), "aarch64": (31, 30)}
 IOPRIO_WHO_PROCESS = 1
+SO_PEERPIDFD = 77  # <asm-generic/socket.h>; not in the socket module before Python 3.13
 _STATUS_KEYS = {"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                 "NoNewPrivs", "Seccomp", "Seccomp_filters", "VmSize", "VmData"}  # fmt: skip
 
@@ -50,12 +52,7 @@ class Peer:
             self.pid, self.uid, self.gid = credentials(sock)
         except OSError:  # not a Unix socket's peer: nothing to pin, still_there says False
             self.pid, self.uid, self.gid = 0, -1, -1
-        self.pidfd: int | None = None
-        if self.pid > 0 and hasattr(os, "pidfd_open"):
-            try:
-                self.pidfd = os.pidfd_open(self.pid)
-            except OSError:  # gone already, or a kernel before 5.3: still_there says so
-                self.pidfd = None
+        self.pidfd = _pidfd(sock, self.pid) if self.pid > 0 else None
         self.start = _start_time(self.pid)  # the fallback guard where there is no pidfd
 
     def still_there(self, sock: socket.socket) -> bool:
@@ -76,6 +73,19 @@ class Peer:
             self.pidfd = None
 
 
+def _pidfd(sock: socket.socket, pid: int) -> int | None:
+    """A pidfd of the process that connected: from the socket itself where the kernel keeps
+    one (the pid may be another's by now), else opened by pid (None: gone, or before 5.3)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERPIDFD", SO_PEERPIDFD))
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    except OSError:
+        return None
+
+
 def read_context(pid, lsm: bool = True) -> dict:
     """Everything of process ``pid`` ("self" for the server) that a fork would not carry over
     from the caller. Raises PeerGone if the process is gone. ``lsm``: False where no LSM
@@ -92,7 +102,7 @@ def read_context(pid, lsm: bool = True) -> dict:
         oom = int(_read(f"{base}/oom_score_adj"))
         personality = _personality(base)
     except (FileNotFoundError, ProcessLookupError) as exc:
-        raise PeerGone(str(exc)) from exc
+        raise PeerGone(f"the caller exited while read ({exc})") from exc
     return {
         "uids": status["Uid"], "gids": status["Gid"], "groups": sorted(status["Groups"]),
         "caps": {key: status["Cap" + key.capitalize()] for key in ("inh", "prm", "eff", "bnd",
