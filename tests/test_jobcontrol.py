@@ -24,8 +24,8 @@ PROMPT = "PROMPT$ "
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONUNBUFFERED", "PYTHONSTARTUP", "PYTHONINSPECT", "PROMPT_COMMAND")}  # fmt: skip
+    dropped = ("PYTHONUNBUFFERED", "PYTHONSTARTUP", "PYTHONINSPECT", "PROMPT_COMMAND")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(TERM="dumb", PS1=PROMPT, INPUTRC="/dev/null")
     return env
 
@@ -238,6 +238,8 @@ def test_background_then_fg_then_typing(shell, starter, tmp_path):
 
 READS_AT_ONCE = """\
 import os, sys, termios, tty
+if sys.argv[1:] == ["readline"]:
+    import readline  # input() sets the terminal's modes first
 print("pid", os.getpid(), flush=True)
 if sys.argv[1:] == ["raw"]:  # setting the terminal's modes: SIGTTOU in the background
     saved = termios.tcgetattr(0)
@@ -273,8 +275,9 @@ def _background_read_stops(sh, exe: str, warm: bool, script: str) -> tuple:
     return stopped, jobs, _status(sh), _stty(sh) == before
 
 
-@pytest.mark.parametrize("how, reason", [("", "tty input"), ("raw", "tty output")],
-                         ids=["read", "set-modes"])  # fmt: skip
+@pytest.mark.parametrize("how, reason", [
+    ("", "tty input"), ("raw", "tty output"), ("readline", "tty output"),
+], ids=["read", "set-modes", "readline"])  # fmt: skip
 def test_background_read_stops_the_run_until_fg(shell, starter, tmp_path, how, reason):
     script = _script(tmp_path, "reads.py", READS_AT_ONCE) + (f" {how}" if how else "")
     results = [_background_read_stops(shell(), exe, warm, script)
@@ -421,8 +424,9 @@ def test_uvicorn_in_a_script_stops_on_sigint(pipe_starter, tmp_path):
     for i, (exe, _warm) in enumerate(_exes(pipe_starter)):
         out = tmp_path / f"out{i}"
         ready = tmp_path / f"ready{i}"  # the log's "startup complete" line, copied by a watcher
-        watcher = subprocess.Popen(["bash", "-c", f'until grep -q "startup complete" {out} '
-                                    f'2>/dev/null; do sleep 0.05; done; echo ok > {ready}'])  # fmt: skip
+        wait_log = (f'until grep -q "startup complete" {out} 2>/dev/null; do sleep 0.05; done; '
+                    f"echo ok > {ready}")  # fmt: skip
+        watcher = subprocess.Popen(["bash", "-c", wait_log])
         args = ["-m", "uvicorn", "--app-dir", str(tmp_path), "--uds", str(tmp_path / f"s{i}"),
                 "app:app"]  # fmt: skip
         try:

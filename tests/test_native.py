@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -474,6 +475,7 @@ def test_sanitized_client_signals(sanitized, name):
                 time.sleep(0.01)
             assert _state(proc.pid) == "T"
             proc.send_signal(signal.SIGCONT)
+            assert select.select([proc.stdout], [], [], TIMEOUT)[0], "SIGCONT not forwarded"
             assert proc.stdout.readline() == b"continued\n"
             proc.send_signal(signal.SIGTERM)
             name = "SIGTERM"

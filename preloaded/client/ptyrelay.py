@@ -52,7 +52,8 @@ class PtyRelay:
         self.child_pid = None
         try:
             attrs = termios.tcgetattr(self.attr_fd)  # allowed from the background too
-            termios.tcsetattr(self.slave, termios.TCSANOW, attrs)
+            given = attrs if foreground(self.attr_fd) else _without_line_editor(attrs)
+            termios.tcsetattr(self.slave, termios.TCSANOW, given)
             self.saved = attrs
             # As the PTY reports them (what later looks compare with), not as we asked.
             self.slave_attrs = self.bg_modes = termios.tcgetattr(self.slave)
@@ -325,6 +326,25 @@ def _raw(attrs: list) -> list:
     mode[6][termios.VMIN] = 1
     mode[6][termios.VTIME] = 0
     return mode
+
+
+def _without_line_editor(attrs: list) -> list:
+    """The modes the shell gives a job it brings to the foreground, from those of a terminal
+    that the shell's line editor (readline) may have now: a job started with ``&`` copies them
+    while the shell waits at its prompt. Readline turns off canonical mode, echo and CR-to-NL
+    and disables ^V and ^O; the shell restores them before a job runs in the foreground.
+    (A program's own readline, setting the same modes, is then seen setting them.)
+    """
+    if attrs[3] & (termios.ICANON | termios.ECHO):
+        return attrs  # no line editor has it
+    modes = list(attrs)
+    modes[0] |= termios.ICRNL
+    modes[3] |= termios.ICANON | termios.ECHO
+    modes[6] = list(modes[6])
+    for index, char in ((termios.VLNEXT, b"\x16"), (termios.VDISCARD, b"\x0f")):
+        if modes[6][index] in (b"\0", 0):
+            modes[6][index] = char
+    return modes
 
 
 def _onlcr(fd: int) -> bool:

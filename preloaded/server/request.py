@@ -78,7 +78,6 @@ class Conn:
         self.pid: int | None = None
         self.kill_at: float | None = None
         self.closed = False
-        self.client_pid: int | None = None  # SO_PEERCRED: whose stop the child follows
         self.client_stopped = False  # we stopped the child because its client was stopped
         self.peer = None  # peer.Peer, pinned at accept
         self.changes: dict = {}  # what its child changes to be its process (context.Gate)

@@ -2,9 +2,9 @@
 would pause python, and SIGCONT resumes it.
 
 SIGSTOP cannot be caught, so the client cannot forward it; the server looks instead: while runs
-are going, every WATCH_INTERVAL, it reads the state of each run's client (its pid comes from
-SO_PEERCRED) in /proc/<pid>/stat, and stops the child's process group when the client is seen
-stopped. The client forwards the SIGCONT that continues it; this continues the child only if it
+are going, every WATCH_INTERVAL, it reads the state of each run's client in /proc/<pid>/stat
+(the pid from SO_PEERCRED: ``Conn.peer``, pinned by a pidfd), and stops the child's process
+group when the client is seen stopped. The client forwards the SIGCONT that continues it; this continues the child only if it
 is still stopped then. (A client that stops itself, Ctrl-Z or a background read, stops its child
 first; this sees it too and does nothing more.)
 """
@@ -12,8 +12,6 @@ first; this sees it too and does nothing more.)
 from __future__ import annotations
 
 import signal
-import socket
-import struct
 import time
 
 from preloaded.server.standby import kill
@@ -37,11 +35,9 @@ class ClientStops:
             return
         self.next = now + WATCH_INTERVAL
         for pid, conn in children.items():
-            if conn.client_pid is None and not conn.closed:  # what it was at connect()
-                conn.client_pid = peer_pid(conn.sock) or 0
-            if conn.closed or not conn.client_pid:
+            if conn.closed or conn.peer is None or conn.peer.pid <= 0:
                 continue
-            stopped = _stopped(conn.client_pid)
+            stopped = _stopped(conn.peer.pid)
             if stopped == conn.client_stopped:
                 continue
             conn.client_stopped = stopped
@@ -51,16 +47,6 @@ class ClientStops:
                 # The client forwards the SIGCONT that continued it; only if that did not come
                 # (yet) do we send one: a second one would run a SIGCONT handler twice.
                 kill(pid, signal.SIGCONT, group=True)
-
-
-def peer_pid(sock: socket.socket) -> int | None:
-    """The pid of the process at the other end of ``sock`` (None if it cannot be known)."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid = struct.unpack("3i", creds)[0]
-    return pid if pid > 0 else None  # 0: a client in a pid namespace we cannot see
 
 
 def _stopped(pid: int) -> bool:
