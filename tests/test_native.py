@@ -212,6 +212,24 @@ def test_non_utf8_cwd_is_the_python_clients(starters, tmp_path):
     assert len(results["python"][1]) == 1
 
 
+def test_key_of_a_symlinked_non_utf8_path(starters, tmp_path):
+    """The C client names its server as paths.py does (the real path's bytes, the locale): run
+    through a symlink, from a directory whose name is not UTF-8, it still finds the server."""
+    directory = os.path.join(os.fsencode(tmp_path), b"bin\xff dir")
+    os.mkdir(directory)
+    bundle = starters("native", path=os.fsdecode(os.path.join(directory, b"real.bin")),
+                      strict=True)  # fmt: skip
+    link = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"link.bin"))
+    os.symlink(bundle, link)
+    server = FakeServer(bundle, OK)
+    try:
+        proc = run(link, ["-c", "pass"], env=ENV)
+    finally:
+        server.close()
+    assert proc.returncode == 7, proc.stderr
+    assert len(server.requests) == 1
+
+
 ENDS = {
     # answer: what both clients must print (and exit with)
     "truncated-frame": frame({"started": 1}) + b"\x00\x00\x00\x20{\"ex",
