@@ -42,8 +42,9 @@ class FakeServer:
     """Listens on a bundle's socket like its server; records each request body and answers
     every connection with ``answer`` (raw bytes), then hangs up."""
 
-    def __init__(self, bundle: str, answer: bytes, env=None) -> None:
+    def __init__(self, bundle: str, answer: bytes, env=None, trickle=False) -> None:
         self.answer = answer
+        self.trickle = trickle  # one byte at a time: the client reads frames in pieces
         self.requests: list = []
         self.path = socket_of(bundle, env) if env else Paths(bundle).socket
         if os.path.exists(self.path):
@@ -66,7 +67,11 @@ class FakeServer:
                 conn.settimeout(TIMEOUT)
                 try:
                     self.requests.append(self._read(conn))
-                    conn.sendall(self.answer)
+                    if not self.trickle:
+                        conn.sendall(self.answer)
+                    for i in range(len(self.answer) if self.trickle else 0):
+                        conn.sendall(self.answer[i : i + 1])
+                        time.sleep(0.002)
                 except OSError:  # the client hung up (it went cold)
                     pass
 
@@ -169,6 +174,8 @@ REQUESTS = {
     "locale-coerced-in-place": (["-c", "pass"], {b"LANG": None, b"LC_ALL": None,
                                                  b"LC_CTYPE": b"POSIX", b"ZZ_AFTER": b"1"}),
     "locale-lc-all-c": (["-c", "pass"], {b"LC_ALL": b"C"}),
+    # a request of ~480 kB, more than a socket buffer holds: written and read in pieces
+    "env-big": (["-c", "pass"], {b"PY_NATIVE_BIG": b"\xc3\xa9\xff" * 40000}),
 }
 
 
@@ -282,6 +289,21 @@ def test_lost_server_with_stderr_closed(starters):
             server.close()
         codes[kind] = proc.returncode
     assert codes["native"] == codes["python"] == 120
+
+
+@pytest.mark.parametrize("name", ["exit-in-one-recv", "signal", "truncated-frame"])
+def test_replies_in_pieces(starters, name):
+    """Every byte of the replies in its own segment: frames are put together across reads."""
+    results = {}
+    for kind in ("python", "native"):
+        bundle = starters(kind, strict=True)
+        server = FakeServer(bundle, ENDS[name], trickle=True)
+        try:
+            results[kind] = run(bundle, ["-c", "pass"], env=ENV)
+        finally:
+            server.close()
+    py, nat = results["python"], results["native"]
+    assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
 
 
 @pytest.mark.parametrize("answer", ["refused", "stale"])
