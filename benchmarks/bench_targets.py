@@ -183,7 +183,7 @@ def measure(args, tmp: str) -> dict:
     for path, text in ((script, SCRIPT), (park, PARK)):
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-    cli("bundle", *MODULES, "-o", tt)
+    cli("bundle", *MODULES, "--client", args.client, "-o", tt)
     try:
         note("starting the server...")
         timed([tt, script])  # starts the server
@@ -193,7 +193,7 @@ def measure(args, tmp: str) -> dict:
         note("(b) 16 concurrent warm runs (1 standby, then a pool of 16)...")
         res["concurrent"] = concurrent(tt, script)
         pool = os.path.join(tmp, "python-pool.bin")
-        cli("bundle", *MODULES, "--standby", "16", "-o", pool)
+        cli("bundle", *MODULES, "--client", args.client, "--standby", "16", "-o", pool)
         timed([pool, script])  # starts its server
         timed([pool, script])
         time.sleep(2)  # let it learn what the runs import and park its 16 standbys
@@ -272,6 +272,9 @@ def main() -> int:
     parser.add_argument("--readiness-runs", type=int, default=3, help="serve.py runs each (3)")
     parser.add_argument("--mb", type=int, default=200, help="MB written through the PTY (200)")
     parser.add_argument("--pty-runs", type=int, default=3, help="PTY runs each (3)")
+    parser.add_argument("--client", choices=["python", "native"], default="python",
+                        help="the starter (python: what issue 5's figures were measured with; "
+                             "bench_native.py compares both)")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="py-preload-targets-") as tmp:
         os.environ["XDG_RUNTIME_DIR"] = os.path.join(tmp, "run")

@@ -10,8 +10,8 @@ import time
 
 import click
 
-from preloaded import wire
-from preloaded.paths import Paths, UnsafeDirectory, runtime_dir
+from preloaded import servers
+from preloaded.paths import Paths, UnsafeDirectory
 from preloaded.server.standby import MAX_STANDBYS
 
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,37 +276,6 @@ def _paths(file: str) -> Paths:
         raise click.ClickException(str(exc))
 
 
-def ask_server(path: str, request: dict, timeout: float = 5.0):
-    """One control request to the server listening at ``path``; None if nothing answers."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            wire.send(sock, {"v": 1, **request})
-            return wire.recv_frame(sock, wire.FrameReader())
-        except (OSError, EOFError, wire.ProtocolError):
-            return None
-
-
-def _servers() -> list:
-    """(info, socket path) of every server this user has in the runtime directory."""
-    try:
-        directory = runtime_dir(create=False)
-    except (FileNotFoundError, UnsafeDirectory):
-        return []
-    found = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(directory, name), encoding="utf-8") as f:
-                    found.append(json.load(f))
-            except (OSError, ValueError):
-                continue
-    return found
-
-
 def _memory(status: dict) -> dict:
     import psutil
 
@@ -372,10 +341,10 @@ def _format_learning(st: dict) -> list:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(file, as_json) -> None:
     """Show the server of FILE (or of every bundle)."""
-    sockets = [_paths(file).socket] if file else [i["socket"] for i in _servers()]
+    sockets = [_paths(file).socket] if file else [i["socket"] for i in servers.listed()]
     results = []
     for path in sockets:
-        st = ask_server(path, {"cmd": "status"})
+        st = servers.ask(path, {"cmd": "status"})
         if st is None or "pid" not in st:
             continue
         st["memory"] = _memory(st)
@@ -399,10 +368,10 @@ def stop(file, stop_all) -> None:
     """Stop the server of FILE (running children are ended), or all with --all."""
     if bool(file) == stop_all:
         raise click.UsageError("name a starter FILE or pass --all")
-    sockets = [_paths(file).socket] if file else [i["socket"] for i in _servers()]
+    sockets = [_paths(file).socket] if file else [i["socket"] for i in servers.listed()]
     stopped = 0
     for path in sockets:
-        reply = ask_server(path, {"cmd": "stop"})
+        reply = servers.ask(path, {"cmd": "stop"})
         if reply and "stopping" in reply:
             _wait_gone(reply["stopping"])
             stopped += 1
@@ -430,7 +399,7 @@ def forget(file) -> None:
     paths = _paths(file)
     # The server clears its sets and retires at once (its socket and lock go; running children
     # finish): nothing to wait for, the next run starts a fresh server.
-    reply = ask_server(paths.socket, {"cmd": "forget"})
+    reply = servers.ask(paths.socket, {"cmd": "forget"})
     try:
         os.unlink(paths.learned)
     except FileNotFoundError:
@@ -483,10 +452,10 @@ def list_() -> None:
     except budget.BudgetError as exc:
         raise _Failure(str(exc), 2)
     rows = []
-    for info in _servers():
-        usage = ask_server(info["socket"], {"cmd": "usage", "pss": True})
+    for info in servers.listed():
+        usage = servers.ask(info["socket"], {"cmd": "usage", "pss": True})
         if not (usage and usage.get("pid") == info["pid"]):  # gone (or a py-preload too old)
-            if not ask_server(info["socket"], {"cmd": "status"}):
+            if not servers.ask(info["socket"], {"cmd": "status"}):
                 continue
             usage = {}
         rows.append((info, usage))

@@ -28,8 +28,9 @@ SLOW = {
 }  # fmt: skip
 # The project's modules a warm run may import; spawn, overlay and install are first-run only.
 FAST_PATH = {"preloaded", "preloaded.client", "preloaded.client.starter", "preloaded.client.run",
-             "preloaded.client.connection", "preloaded.client.signals", "preloaded.client.ptyrelay",
-             "preloaded.wire", "preloaded.paths"}  # fmt: skip
+             "preloaded.client.connection", "preloaded.client.signals", "preloaded.client.cmdline",
+             "preloaded.client.ptyrelay", "preloaded.client.jobcontrol", "preloaded.wire",
+             "preloaded.paths"}  # fmt: skip
 
 
 def imported(stderr: str) -> list:

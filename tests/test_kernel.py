@@ -139,12 +139,14 @@ def _wait_gone(pid: int) -> None:
         time.sleep(0.05)
 
 
-def test_real_kernel_execute_interrupt_restart_shutdown(jupyter_dir, starter):
+@pytest.mark.parametrize("client", ["native", "python"])
+def test_real_kernel_execute_interrupt_restart_shutdown(jupyter_dir, tmp_path, client):
     """Guards the warm kernel under jupyter_client: it is a fork of the server, runs code,
     turns interrupt_kernel (SIGINT to the starter) into KeyboardInterrupt in the running cell,
     restarts into a new warm kernel, and leaves no process behind at shutdown."""
     from jupyter_client.manager import KernelManager
 
+    starter = bundle(tmp_path / "python-kernel.bin", "--standby", "0", "--client", client)
     cli("kernel", "install", starter, "--name", "warm")
     manager = KernelManager(kernel_name="warm")
     manager.start_kernel()
@@ -178,9 +180,12 @@ def test_real_kernel_execute_interrupt_restart_shutdown(jupyter_dir, starter):
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=False)
-    _wait_gone(int(new_pid))
-    _wait_gone(starter_pid)
-    assert not manager.is_alive()
+    try:
+        _wait_gone(int(new_pid))
+        _wait_gone(starter_pid)
+        assert not manager.is_alive()
+    finally:
+        cli("stop", starter, check=False)
 
 
 # A stand-in for Jupyter: starts kernel argv[1], prints "<kernel pid> <launched pid>", waits.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -41,8 +42,9 @@ class FakeServer:
     """Listens on a bundle's socket like its server; records each request body and answers
     every connection with ``answer`` (raw bytes), then hangs up."""
 
-    def __init__(self, bundle: str, answer: bytes, env=None) -> None:
+    def __init__(self, bundle: str, answer: bytes, env=None, trickle=False) -> None:
         self.answer = answer
+        self.trickle = trickle  # one byte at a time: the client reads frames in pieces
         self.requests: list = []
         self.path = socket_of(bundle, env) if env else Paths(bundle).socket
         if os.path.exists(self.path):
@@ -65,7 +67,11 @@ class FakeServer:
                 conn.settimeout(TIMEOUT)
                 try:
                     self.requests.append(self._read(conn))
-                    conn.sendall(self.answer)
+                    if not self.trickle:
+                        conn.sendall(self.answer)
+                    for i in range(len(self.answer) if self.trickle else 0):
+                        conn.sendall(self.answer[i : i + 1])
+                        time.sleep(0.002)
                 except OSError:  # the client hung up (it went cold)
                     pass
 
@@ -168,6 +174,8 @@ REQUESTS = {
     "locale-coerced-in-place": (["-c", "pass"], {b"LANG": None, b"LC_ALL": None,
                                                  b"LC_CTYPE": b"POSIX", b"ZZ_AFTER": b"1"}),
     "locale-lc-all-c": (["-c", "pass"], {b"LC_ALL": b"C"}),
+    # a request of ~480 kB, more than a socket buffer holds: written and read in pieces
+    "env-big": (["-c", "pass"], {b"PY_NATIVE_BIG": b"\xc3\xa9\xff" * 40000}),
 }
 
 
@@ -209,6 +217,24 @@ def test_non_utf8_cwd_is_the_python_clients(starters, tmp_path):
     results = both(starters, OK, ["-c", "pass"], env=ENV, cwd=directory)
     assert results["native"][1] == results["python"][1]
     assert len(results["python"][1]) == 1
+
+
+def test_key_of_a_symlinked_non_utf8_path(starters, tmp_path):
+    """The C client names its server as paths.py does (the real path's bytes, the locale): run
+    through a symlink, from a directory whose name is not UTF-8, it still finds the server."""
+    directory = os.path.join(os.fsencode(tmp_path), b"bin\xff dir")
+    os.mkdir(directory)
+    bundle = starters("native", path=os.fsdecode(os.path.join(directory, b"real.bin")),
+                      strict=True)  # fmt: skip
+    link = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"link.bin"))
+    os.symlink(bundle, link)
+    server = FakeServer(bundle, OK)
+    try:
+        proc = run(link, ["-c", "pass"], env=ENV)
+    finally:
+        server.close()
+    assert proc.returncode == 7, proc.stderr
+    assert len(server.requests) == 1
 
 
 ENDS = {
@@ -263,6 +289,21 @@ def test_lost_server_with_stderr_closed(starters):
             server.close()
         codes[kind] = proc.returncode
     assert codes["native"] == codes["python"] == 120
+
+
+@pytest.mark.parametrize("name", ["exit-in-one-recv", "signal", "truncated-frame"])
+def test_replies_in_pieces(starters, name):
+    """Every byte of the replies in its own segment: frames are put together across reads."""
+    results = {}
+    for kind in ("python", "native"):
+        bundle = starters(kind, strict=True)
+        server = FakeServer(bundle, ENDS[name], trickle=True)
+        try:
+            results[kind] = run(bundle, ["-c", "pass"], env=ENV)
+        finally:
+            server.close()
+    py, nat = results["python"], results["native"]
+    assert (nat.returncode, nat.stdout, nat.stderr) == (py.returncode, py.stdout, py.stderr)
 
 
 @pytest.mark.parametrize("answer", ["refused", "stale"])
@@ -474,6 +515,7 @@ def test_sanitized_client_signals(sanitized, name):
                 time.sleep(0.01)
             assert _state(proc.pid) == "T"
             proc.send_signal(signal.SIGCONT)
+            assert select.select([proc.stdout], [], [], TIMEOUT)[0], "SIGCONT not forwarded"
             assert proc.stdout.readline() == b"continued\n"
             proc.send_signal(signal.SIGTERM)
             name = "SIGTERM"

@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 
-from preloaded import wire
-from preloaded.paths import runtime_dir
+from preloaded import servers
 
 ENV = "PY_PRELOAD_MEMORY_BUDGET"
 LOW_ENV = "PY_PRELOAD_LOW_MEMORY"
@@ -158,42 +156,13 @@ def default_low(total: int | None) -> int:
 # -- the servers of this user ---------------------------------------------------------------
 
 
-def ask(path: str, request: dict, timeout: float = ASK_TIMEOUT):
-    """One control request to the server listening at ``path``; None if nothing answers."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            wire.send(sock, {"v": 1, **request})
-            return wire.recv_frame(sock, wire.FrameReader())
-        except (OSError, EOFError, wire.ProtocolError):
-            return None
-
-
-def info_files() -> list:
-    """The info of every server this user has in the runtime directory."""
-    try:
-        directory = runtime_dir(create=False)
-    except (OSError, ValueError):
-        return []
-    found = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(directory, name), encoding="utf-8") as f:
-                    found.append(json.load(f))
-            except (OSError, ValueError):
-                continue
-    return found
-
-
 def survey(skip_pid: int | None = None, with_pss: bool = True) -> list:
     """``usage`` of every other live server: pid, socket, busy, last_used, pss."""
     found = []
-    for info in info_files():
+    for info in servers.listed():
         if info.get("pid") == skip_pid or "socket" not in info:
             continue
-        usage = ask(info["socket"], {"cmd": "usage", "pss": with_pss})
+        usage = servers.ask(info["socket"], {"cmd": "usage", "pss": with_pss}, ASK_TIMEOUT)
         if isinstance(usage, dict) and usage.get("pid") == info["pid"]:
             found.append({**usage, "socket": info["socket"], "bundle": info.get("bundle")})
     return found
@@ -217,7 +186,7 @@ def make_room(own: dict, limits: Settings, log) -> None:
     if total <= budget:
         return
     for other in sorted((o for o in others if not o["busy"]), key=_lru_key):
-        reply = ask(other["socket"], {"cmd": "evict"})
+        reply = servers.ask(other["socket"], {"cmd": "evict"}, ASK_TIMEOUT)
         if isinstance(reply, dict) and "stopping" in reply:
             total -= other.get("pss", 0)
             log(f"memory budget {limits.text}: stopped the idle server {other['pid']} of "

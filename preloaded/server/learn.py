@@ -332,8 +332,8 @@ class Learner:
     def step(self, server_fds=(), sel=None) -> str | None:
         """Import the next cleared module, or start a probe for the pending ones.
 
-        Returns None when nothing was done, "probing" when a probe was started (the caller
-        watches ``probe.fd``), "learned" after a safe import, "failed" after a failed one
+        Returns None when nothing was done, "probing" when a probe was started (``sel``
+        watches its pipe), "learned" after a safe import, "failed" after a failed one
         (refused; the server keeps serving), "unsafe" when the server must retire (the module
         is refused and saved as such). ``server_fds``: what a probe must close; ``sel``: the
         loop's selector, which watches the probe's pipe.
@@ -420,7 +420,6 @@ class Learner:
             self.log(f"learn: the probe {probe.pid} ended before importing anything")
             return
         self.pending[0:0] = [name for name in probe.unreached() if name not in self.refused]
-
 
     def _refuse(self, name: str, reason: str) -> None:
         self.log(f"learn: refused {name}: {reason}")

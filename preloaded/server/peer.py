@@ -181,8 +181,14 @@ def ioprio_get(pid: int) -> int | None:
     numbers = IOPRIO_SYSCALLS.get(os.uname().machine)
     if numbers is None:
         return None
-    value = ctypes.CDLL(None, use_errno=True).syscall(numbers[0], IOPRIO_WHO_PROCESS, pid)
+    value = _libc().syscall(numbers[0], IOPRIO_WHO_PROCESS, pid)
     return None if value < 0 else value
+
+
+def _libc(cache: list = []):  # noqa: B006 (one handle for the server's life)
+    if not cache:
+        cache.append(ctypes.CDLL(None, use_errno=True))
+    return cache[0]
 
 
 def _personality(base: str) -> int | None:
