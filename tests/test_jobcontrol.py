@@ -241,6 +241,9 @@ import os, sys, termios, tty
 if sys.argv[1:] == ["readline"]:
     import readline  # input() sets the terminal's modes first
 print("pid", os.getpid(), flush=True)
+if sys.argv[1:] == ["subprocess"]:  # the kernel stops the reader's whole process group
+    import subprocess
+    sys.exit(subprocess.run([sys.executable, "-c", "print('got', input())"]).returncode)
 if sys.argv[1:] == ["raw"]:  # setting the terminal's modes: SIGTTOU in the background
     saved = termios.tcgetattr(0)
     tty.setraw(0)
@@ -277,7 +280,8 @@ def _background_read_stops(sh, exe: str, warm: bool, script: str) -> tuple:
 
 @pytest.mark.parametrize("how, reason", [
     ("", "tty input"), ("raw", "tty output"), ("readline", "tty output"),
-], ids=["read", "set-modes", "readline"])  # fmt: skip
+    ("subprocess", "tty input"),
+], ids=["read", "set-modes", "readline", "subprocess"])  # fmt: skip
 def test_background_read_stops_the_run_until_fg(shell, starter, tmp_path, how, reason):
     script = _script(tmp_path, "reads.py", READS_AT_ONCE) + (f" {how}" if how else "")
     results = [_background_read_stops(shell(), exe, warm, script)

@@ -20,6 +20,7 @@ READ_SYSCALLS = {
     "x86_64": {0, 17, 19, 295, 327},  # read, pread64, readv, preadv, preadv2
     "aarch64": {63, 65, 67, 69, 286},  # read, readv, pread64, preadv, preadv2
 }.get(os.uname().machine, set())
+MAX_PROCESSES = 64  # how many of the child's processes one look covers (a bound on its cost)
 
 
 def foreground(fd: int) -> bool:
@@ -39,7 +40,8 @@ def tostop(fd: int) -> bool:
 
 
 def reads_tty(pid: int, rdev: int) -> bool:
-    """True when a thread of ``pid`` sleeps in a read of the terminal device ``rdev``.
+    """True when a thread of ``pid``, or of a process it started, sleeps in a read of the
+    terminal device ``rdev`` (the kernel would stop python's whole process group for that).
 
     /proc/PID/task/TID/syscall names the syscall a sleeping thread is blocked in ("running"
     otherwise). Reading it needs the right to ptrace the child (same user; under Yama
@@ -48,19 +50,36 @@ def reads_tty(pid: int, rdev: int) -> bool:
     """
     if not READ_SYSCALLS:
         return False
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in tids:
+    todo, seen = [pid], 0
+    while todo and seen < MAX_PROCESSES:
+        proc = todo.pop()
+        seen += 1
         try:
-            with open(f"/proc/{pid}/task/{tid}/syscall", "rb") as f:
-                fields = f.read().split()
-            if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) not in READ_SYSCALLS:
-                continue
-            fd = int(fields[1], 16)
-            if os.stat(f"/proc/{pid}/fd/{fd}").st_rdev == rdev:
-                return True
-        except (OSError, ValueError):
+            tids = os.listdir(f"/proc/{proc}/task")
+        except OSError:
             continue
+        for tid in tids:
+            if _reading(f"/proc/{proc}/task/{tid}", proc, rdev):
+                return True
+            todo.extend(_children(f"/proc/{proc}/task/{tid}"))
     return False
+
+
+def _reading(task: str, proc: int, rdev: int) -> bool:
+    try:
+        with open(f"{task}/syscall", "rb") as f:
+            fields = f.read().split()
+        if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) not in READ_SYSCALLS:
+            return False
+        return os.stat(f"/proc/{proc}/fd/{int(fields[1], 16)}").st_rdev == rdev
+    except (OSError, ValueError):
+        return False
+
+
+def _children(task: str) -> list:
+    """The processes this thread started (empty where the kernel has no such file)."""
+    try:
+        with open(f"{task}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
