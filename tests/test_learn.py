@@ -369,3 +369,30 @@ def test_refusal_reaches_the_restarted_server_without_the_saved_file(tmp_path, m
     assert "laterbad" in learner.refused and "laterbad" not in learner.learned
     assert "colorsys" in learner.learned
     assert learn.REFUSED_ENV not in os.environ  # not passed on to runs
+
+
+def test_submodule_of_a_refused_package_is_refused_without_a_probe(tmp_path, venv):
+    """Guards the shortcut for packages: importing ``a.b`` imports ``a`` first, so once the
+    probe refused ``a`` its submodules are refused at once (a Jupyter kernel's ~50 submodules
+    of refused packages each cost a probe before)."""
+    python, site = venv
+    package = os.path.join(site, "loudpkg")
+    os.mkdir(package)
+    with open(os.path.join(package, "__init__.py"), "w", encoding="utf-8") as f:
+        f.write("print('hello from a package')\n")
+    with open(os.path.join(package, "quiet.py"), "w", encoding="utf-8") as f:
+        f.write("VALUE = 1\n")
+    subprocess.run([python, "-m", "compileall", "-q", site], check=True, timeout=60)
+    path = bundle(tmp_path / "python-loud.bin", python=python)
+    try:
+        old = server_pid(path)
+        for _ in range(2):
+            assert run(path, "-c", "import loudpkg.quiet").returncode == 0
+        wait_until(lambda: "loudpkg.quiet" in status(path)["learn"]["refused"],
+                   "loudpkg.quiet to be refused")  # fmt: skip
+        refused = status(path)["learn"]["refused"]
+        assert "printed" in refused["loudpkg"]
+        assert refused["loudpkg.quiet"] == "its package loudpkg was refused"
+        assert server_pid(path) == old and not in_server(path, "loudpkg")
+    finally:
+        cli("stop", path, check=False)

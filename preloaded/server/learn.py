@@ -363,6 +363,7 @@ class Learner:
     def _start_probe(self, server_fds: list, sel) -> str | None:
         names = [name for name in self.pending if name not in sys.modules]
         self.pending.clear()
+        names = [name for name in names if not self._refused_package(name)]
         if not names:
             return None
         try:
@@ -420,6 +421,17 @@ class Learner:
             self.log(f"learn: the probe {probe.pid} ended before importing anything")
             return
         self.pending[0:0] = [name for name in probe.unreached() if name not in self.refused]
+
+    def _refused_package(self, name: str) -> bool:
+        """Refuse ``name`` at once if a package above it was refused: importing ``a.b`` imports
+        ``a`` first, which would do again what got it refused (no probe needed for that)."""
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            package = ".".join(parts[:end])
+            if package in self.refused and package not in sys.modules:
+                self._refuse(name, f"its package {package} was refused")
+                return True
+        return False
 
     def _refuse(self, name: str, reason: str) -> None:
         self.log(f"learn: refused {name}: {reason}")
