@@ -246,3 +246,25 @@ def test_kernel_ends_when_jupyter_dies(jupyter_dir, tmp_path, client):
                 pass
         if path is not None:
             cli("stop", path, check=False)
+
+
+def test_forced_shutdown_leaves_no_process(jupyter_dir, starter):
+    """Guards shutdown_kernel(now=True), which kills the kernel process Jupyter started (the
+    starter) outright: the warm kernel, a fork of the server, must go with it."""
+    from jupyter_client.manager import KernelManager
+
+    cli("kernel", "install", starter, "--name", "forced")
+    manager = KernelManager(kernel_name="forced")
+    manager.start_kernel()
+    client = manager.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=KERNEL_TIMEOUT)
+        content, out = _execute(client, "import os; print(os.getpid())")
+        assert content["status"] == "ok"
+        starter_pid = manager.provisioner.pid
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    _wait_gone(int(out))
+    _wait_gone(starter_pid)
