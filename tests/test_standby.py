@@ -245,7 +245,7 @@ HAND_OVER = textwrap.dedent("""\
     sys.path.insert(0, sys.argv[1])
     from preloaded.server import child
     from preloaded import wire
-    marker, go = sys.argv[2], sys.argv[3] == "go"
+    marker, end = sys.argv[2], sys.argv[3]
     ours, theirs = socket.socketpair()
     setup = child.Setup(list(sys.path), "utf-8", "strict")
     setup.fast_exit = False
@@ -262,26 +262,32 @@ HAND_OVER = textwrap.dedent("""\
     wire.send(ours, request, [null, null, null])
     time.sleep(0.5)  # handed over, no "go" yet: the command must not have run
     print(json.dumps(os.path.exists(marker)), flush=True)
-    if go:
-        ours.close()  # the "go"
-        print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
+    if end == "go":
+        wire.send(ours, child.GO)
+        ours.close()
+    elif end == "close":  # EOF alone, as when a dying server's fds close before reparenting
+        ours.close()
     else:
         os._exit(0)  # the server dies before the "go": the run must never start
+    print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
 """)
 
 
-@pytest.mark.parametrize("go", [True, False])
-def test_nothing_runs_before_the_go(tmp_path, go):
+@pytest.mark.parametrize("end", ["go", "close", "die"])
+def test_nothing_runs_before_the_go(tmp_path, end):
     """Guards against a standby that starts the command as soon as it is handed the request,
     before the server told the client "started": a client that then loses the server runs the
-    command cold, a second time."""
+    command cold, a second time. The channel's EOF alone is no go: a dying server's fds close
+    before its children are reparented (seen under load: the run started)."""
     marker = tmp_path / "ran"
-    proc = subprocess.run([PYTHON, "-c", HAND_OVER, REPO, str(marker), "go" if go else "die"],
+    proc = subprocess.run([PYTHON, "-c", HAND_OVER, REPO, str(marker), end],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT)  # fmt: skip
     lines = [json.loads(line) for line in proc.stdout.split()]
     assert lines[0] is False, proc.stderr
-    if go:
+    if end == "go":
         assert lines[1:] == [0] and marker.exists(), proc.stderr
+    elif end == "close":
+        assert lines[1:] == [1] and not marker.exists(), proc.stderr
     else:
         time.sleep(0.5)  # the orphaned standby had time to run it, if it were going to
         assert not marker.exists()

@@ -23,6 +23,7 @@ from preloaded import wire
 from preloaded.server import become, fastexit, learn, proctitle, stdio
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
+GO = {"go": True}  # the server's last frame to a standby: the run may start
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 try:
@@ -134,11 +135,12 @@ def _receive(channel: int, setup: Setup) -> tuple:
         signal.signal(signum, signal.SIG_IGN)
     if "context" in request:  # the caller's limits, nice, cgroup, privilege...: before the go
         become.answer(channel, request.pop("context"))
-    while _recvmsg(channel)[0]:  # wait for the "go": EOF once the client was told "started"
-        pass
+    while GO not in reader.frames():  # the "go": the client was told "started"
+        data = _recvmsg(channel)[0]
+        if not data:  # the server died, or killed us: the client runs the command cold, if at all
+            os._exit(1)
+        reader.feed(data)
     os.close(channel)
-    if os.getppid() != setup.server_pid:  # EOF because the server died: its client goes cold
-        os._exit(1)
     return request, fds
 
 

@@ -342,12 +342,11 @@ class Server:
         self.last_used = time.time()
         conn.pid = standby.pid
         self.children[standby.pid] = conn
-        if not conn.reply({"started": standby.pid}):
-            # A client that never heard "started" may run the command cold: this one must not
-            # run it. Killed before the go (the SIGKILL is pending before the EOF is sent), and
-            # reaped by _reap like any run.
+        if conn.reply({"started": standby.pid}):
+            standby.go()
+        else:  # its client may run the command cold: this one must not run it (reaped by _reap)
             kill(standby.pid, signal.SIGKILL, group=False)
-        standby.channel.close()  # EOF is the "go": the client knows the run started
+            standby.channel.close()
 
     def _refill_in(self, now: float | None = None) -> float | None:
         """Seconds until the next standby should be forked (0: now); None if none is wanted.

@@ -35,6 +35,16 @@ class Standby:
         self.pid = pid
         self.channel = channel
 
+    def go(self) -> None:
+        """Let the run start: its client was told "started". The go is a frame, not the
+        channel's EOF alone: a dying server's channel closes before its children are
+        reparented, and a standby must not take that EOF for a go."""
+        try:
+            wire.send(self.channel, child.GO)
+        except OSError:
+            pass  # it died meanwhile: reaped like any run
+        self.channel.close()
+
 
 class StandbyPool:
     """Up to ``size`` parked standbys, oldest first. ``own_fds()`` lists the server's fds that a
