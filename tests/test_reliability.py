@@ -85,7 +85,14 @@ def live_children(pid: int) -> list:
     """The server's children, zombies included (an unreaped child is a bug too), except its
     parked standby (a child forked ahead for the next run)."""
     standby = standby_of(pid)
-    return [(c.pid, c.status()) for c in psutil.Process(pid).children() if c.pid != standby]
+    found = []
+    for c in psutil.Process(pid).children():
+        try:
+            if c.pid != standby:
+                found.append((c.pid, c.status()))
+        except psutil.NoSuchProcess:  # reaped between the listing and the look: not live
+            pass
+    return found
 
 
 def standby_of(pid: int):
