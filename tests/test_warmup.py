@@ -216,9 +216,11 @@ print(tuple(model(torch.ones(1, 4)).shape),
 """
 
 
+@pytest.mark.torch
 def test_torch_model_built_in_warmup(tmp_path, stop_after):
     """Guards the documented idiom with real torch: build on the CPU in warm-up (the tracer
     must not disturb it, nor find CUDA), move to the device in the child."""
+    pytest.importorskip("torch")  # else the bundle would install it (a CUDA build, 5 GB)
     bundle, _ = bundle_with(tmp_path, TORCH_WARM, "torch")
     stop_after.append(bundle)
     assert ok(run(bundle, "-c", TORCH_CHILD)) == "(1, 2) True\n"

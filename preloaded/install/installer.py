@@ -152,7 +152,10 @@ def script_metadata(path: str) -> tuple:
         line[2:] if line.startswith("# ") else line[1:]
         for line in blocks[0].group("content").splitlines(keepends=True)
     )
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser, before it joined the standard library (PEP 680)
+        import tomli as tomllib
 
     try:
         table = tomllib.loads(content)

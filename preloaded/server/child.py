@@ -225,7 +225,7 @@ def _path0(request: dict) -> str:
 def _abspath(path: str) -> str:
     """The script's path as python makes it absolute (``_Py_abspath``): the cwd joined to it,
     not normalised (``./sub/f.py`` gives ``/cwd/./sub/f.py``, which ``__file__`` shows)."""
-    if path in ("", "."):
+    if path == "" or path == "." and sys.version_info >= (3, 11):  # 3.10 gives "/cwd/."
         return os.getcwd()
     if os.path.isabs(path):
         return path
