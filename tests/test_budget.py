@@ -52,7 +52,14 @@ def served_by(bundle: str, env: dict, **extra) -> int:
 def held(pid: int, running: int | None = None) -> int:
     """PSS of a server and its parked standby (the run ``running`` left out), by psutil."""
     server = psutil.Process(pid)
-    return sum(p.memory_full_info().pss for p in [server, *server.children()] if p.pid != running)
+    total = server.memory_full_info().pss
+    for child in server.children():
+        try:
+            if child.pid != running:
+                total += child.memory_full_info().pss
+        except psutil.NoSuchProcess:  # a run's fast-exit helper, gone between the two looks
+            pass
+    return total
 
 
 def parked(pid: int) -> bool:
