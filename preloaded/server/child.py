@@ -9,7 +9,6 @@ teardown.
 from __future__ import annotations
 
 import builtins
-import ctypes  # imported by the server, so that each child can arm PR_SET_PDEATHSIG at no cost
 import importlib
 import os
 import signal
@@ -20,16 +19,11 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import become, fastexit, learn, proctitle, stdio
+from preloaded.server import become, fastexit, learn, preload, proctitle, stdio
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 GO = {"go": True}  # the server's last frame to a standby: the run may start
 SIGINT_EXIT = -signal.SIGINT  # run status meaning "end by SIGINT", as python does
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: children may outlive a killed server
-    _prctl = None
 
 
 class Setup:
@@ -65,8 +59,8 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
     status = 1
     handed_over = False
     try:
-        _die_with_server()
-        _reset_process(server_fds, sigmask)
+        preload.leave_server(server_fds)
+        _reset_process(sigmask)
         if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
             os._exit(1)
         _prepare()
@@ -152,24 +146,8 @@ def _recvmsg(channel: int) -> tuple:
         sock.detach()
 
 
-def _die_with_server() -> None:
-    """Have the kernel SIGKILL this child when the server dies.
-
-    Without it a server killed by SIGKILL (OOM killer, ``kill -9``) leaves its running children
-    behind, reparented to init and out of reach of their clients.
-    """
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
-def _reset_process(server_fds: list, sigmask=None) -> None:
-    """Undo what the server set up: its fds, its signal handling, its session."""
-    signal.set_wakeup_fd(-1)
-    for fd in server_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def _reset_process(sigmask=None) -> None:
+    """Undo the rest of what the server set up: its signal handling, its session."""
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes  # imported by the server, so that each fork can arm PR_SET_PDEATHSIG at no cost
 import gc
 import importlib
 import os
@@ -14,6 +15,28 @@ import time
 # (seen when a client hangs up right after its request: its child gets SIGHUP at once). A
 # learned import must leave them as they are.
 HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: forks may outlive a killed server
+    _prctl = None
+
+
+def leave_server(server_fds: list) -> None:
+    """First thing in a fork of the server (a standby, a probe): die with the server, and let go
+    of its wakeup fd and of ``server_fds`` (its sockets, lock, pipes).
+
+    Without PR_SET_PDEATHSIG a server killed by SIGKILL (OOM killer, ``kill -9``) would leave its
+    forks behind, reparented to init and out of reach of their clients."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    signal.set_wakeup_fd(-1)
+    for fd in server_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class ForkUnsafe(Exception):

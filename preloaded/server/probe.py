@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 
-from preloaded.server.preload import HANDLED
+from preloaded.server.preload import HANDLED, leave_server
 
 TIMEOUT_ENV = "PY_PRELOAD_PROBE_TIMEOUT"  # seconds (server's environment); for tests mostly
 TIMEOUT = 120.0  # a probe importing this long is stuck (torch alone takes ~3 s on 2 cores)
@@ -127,13 +127,7 @@ def start(names: list, server_fds: list, check) -> Probe:
 def _probe(w: int, server_fds: list, names: list, check, mask) -> None:
     """The probe's whole life. Keeps the server's signal handlers (a changed one is what it
     looks for) but not its wakeup fd, its sockets or its lock."""
-    _die_with_server()
-    signal.set_wakeup_fd(-1)
-    for fd in server_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    leave_server(server_fds)  # a probe left behind by a killed server would import for nobody
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for name in names:
         if name in sys.modules:
@@ -153,12 +147,3 @@ def _say(w: int, kind: str, name: str, detail=None) -> None:
     line = json.dumps({"kind": kind, "name": name, "detail": detail}) + "\n"
     os.write(w, line.encode("utf-8", "backslashreplace"))
 
-
-def _die_with_server() -> None:
-    """A probe left behind by a killed server would go on importing for nobody."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
