@@ -23,6 +23,7 @@ from preloaded.paths import Paths
 from preloaded.server import budget, control, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
+from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
 from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
@@ -55,8 +56,9 @@ def log(message: str) -> None:
 
 
 class Server:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
+        self.shadows = Shadows(startup)  # startup: the modules python has before sys.path[0]
         self.paths = Paths(config["bundle"])
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
@@ -135,6 +137,8 @@ class Server:
         for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        if self.stamps.fileno() is not None:  # an edit in place is seen between runs too
+            self.sel.register(self.stamps.fileno(), selectors.EVENT_READ, self._handle_watch)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -172,6 +176,7 @@ class Server:
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
+            self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             if not self.learner.busy():
                 self.write_info()
@@ -234,6 +239,16 @@ class Server:
             elif not self.stopping:
                 log(f"got signal {signum}: stopping")
                 self.begin_stop(kill_children=True)
+
+    def _handle_watch(self, _fileobj) -> None:
+        """Files the server imported from changed: stale (named by status); the next run
+        retires it (so that its standbys never run old code)."""
+        already = self.stamps.watcher.reason
+        self.stamps.watcher.drain()
+        if self.stamps.watcher.reason and not already:
+            log(f"stale ({self.stamps.watcher.reason}): the next run starts a fresh server")
+        if self.stamps.fileno() is None:  # fell back to mtimes: nothing more to read
+            self.sel.unregister(_fileobj)
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -308,7 +323,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
+        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log) \
+                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
 
@@ -363,6 +379,8 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        if self.stamps is not None and self.stamps.fileno() is not None:
+            fds.append(self.stamps.fileno())
         fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
@@ -510,10 +528,12 @@ def _write_failure(paths: Paths, message: str) -> None:
         pass
 
 
-def main() -> None:
+def main(startup: frozenset | None = None) -> None:
+    """``startup``: the modules the interpreter had before the boot imported anything (see
+    spawn.server_argv): what python imports before ``sys.path[0]`` is set."""
     config = json.loads(sys.argv[1])
     os.chdir("/")
-    server = Server(config)
+    server = Server(config, startup)
     _open_log(server.paths.log)
     if not server.acquire_lock():
         sys.exit(ALREADY_RUNNING)
