@@ -58,7 +58,7 @@ def log(message: str) -> None:
 class Server:
     def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
-        self.shadows = Shadows(startup)  # startup: the modules python has before sys.path[0]
+        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
         self.paths = Paths(config["bundle"])
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
@@ -137,8 +137,7 @@ class Server:
         for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
-        if self.stamps.fileno() is not None:  # an edit in place is seen between runs too
-            self.sel.register(self.stamps.fileno(), selectors.EVENT_READ, self._handle_watch)
+        self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -239,16 +238,6 @@ class Server:
             elif not self.stopping:
                 log(f"got signal {signum}: stopping")
                 self.begin_stop(kill_children=True)
-
-    def _handle_watch(self, _fileobj) -> None:
-        """Files the server imported from changed: stale (named by status); the next run
-        retires it (so that its standbys never run old code)."""
-        already = self.stamps.watcher.reason
-        self.stamps.watcher.drain()
-        if self.stamps.watcher.reason and not already:
-            log(f"stale ({self.stamps.watcher.reason}): the next run starts a fresh server")
-        if self.stamps.fileno() is None:  # fell back to mtimes: nothing more to read
-            self.sel.unregister(_fileobj)
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -379,8 +368,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
-        if self.stamps is not None and self.stamps.fileno() is not None:
-            fds.append(self.stamps.fileno())
+        fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 

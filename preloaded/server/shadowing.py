@@ -38,7 +38,8 @@ MAX_CACHED = 256  # directories remembered (a busy server sees many projects)
 class Held:
     """The server's top-level modules, each with where python found it: ("dir", directory) for
     a module or regular package, ("ns", portions) for a namespace package, ("other", None) for
-    one without a location (made by a library). Built-in and frozen ones cannot be shadowed."""
+    one without a location (made by a library), ("absent", None) for site's customize modules
+    the server has not. Built-in and frozen ones cannot be shadowed."""
 
     def __init__(self, modules: dict, startup: frozenset) -> None:
         self.where: dict = {}
@@ -55,18 +56,20 @@ class Held:
 
 
 def _location(module) -> tuple | None:
+    """Where python found ``module`` (paths as found: resolved only when a run's directory
+    provides the name, which is rare), or None for a built-in or frozen one."""
     spec = getattr(module, "__spec__", None)
     origin = getattr(spec, "origin", None)
     if origin in ("built-in", "frozen"):
         return None
     locations = getattr(spec, "submodule_search_locations", None)
     if spec is not None and origin in (None, "namespace") and locations is not None:
-        return ("ns", frozenset(os.path.realpath(p) for p in locations))
+        return ("ns", tuple(locations))
     filename = origin if spec is not None and getattr(spec, "has_location", False) else None
     filename = filename or getattr(module, "__file__", None)
     if not isinstance(filename, str):
         return ("other", None)
-    directory = os.path.dirname(os.path.realpath(filename))
+    directory = os.path.dirname(filename)
     if locations is not None:  # a regular package: found in the directory above its own
         directory = os.path.dirname(directory)
     return ("dir", directory)
@@ -140,13 +143,15 @@ def _verdict(directory: str, name: str, kind: str, where: tuple) -> str:
     if kind == "dir":
         kind = "pkg" if _has_init(os.path.join(directory, name)) else "portion"
     held_kind, place = where
+    real = os.path.realpath
     if held_kind == "ns":
-        if kind == "portion" and os.path.realpath(os.path.join(directory, name)) in place:
+        portion = real(os.path.join(directory, name))
+        if kind == "portion" and any(real(p) == portion for p in place):
             return "portion"
         return "shadows"
     if kind == "portion" and held_kind != "other":
         return "portion"
-    if held_kind == "dir" and os.path.realpath(directory) == place:
+    if held_kind == "dir" and real(directory) == real(place):
         return "same"
     return "shadows"
 

@@ -9,6 +9,7 @@ included: an edit in place), through inotify at no cost per run (see watch.py).
 from __future__ import annotations
 
 import os
+import selectors
 import sys
 import sysconfig
 
@@ -64,9 +65,24 @@ class Stamps:
         self.watched |= new
         self.watcher.watch(sorted(new))
 
-    def fileno(self) -> int | None:
-        """The watcher's inotify fd (for the loop's selector; children must close it)."""
-        return self.watcher.fileno() if self.watcher is not None else None
+    def fds(self) -> list:
+        """The watcher's inotify fd, if it has one: forks of the server must close it."""
+        fd = self.watcher.fileno() if self.watcher is not None else None
+        return [] if fd is None else [fd]
+
+    def register(self, sel, log) -> None:
+        """Read the watcher's events whenever they come (``sel``: the loop's selector), so that
+        ``status`` names a changed file before the next run retires the server."""
+        for fd in self.fds():
+            sel.register(fd, selectors.EVENT_READ, lambda _fd: self._on_events(sel, fd, log))
+
+    def _on_events(self, sel, fd: int, log) -> None:
+        already = self.watcher.reason
+        self.watcher.drain()
+        if self.watcher.reason and not already:
+            log(f"stale ({self.watcher.reason}): the next run starts a fresh server")
+        if not self.fds():  # fell back to mtimes (a read error closed it): nothing to read
+            sel.unregister(fd)
 
     def changed(self) -> str | None:
         for path, stamp in self.stamps.items():
