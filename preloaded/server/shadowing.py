@@ -53,6 +53,15 @@ class Held:
         # PYTHONPATH is searched at start-up already; sys.path[0] only after it.
         self.early = frozenset(self.where)
         self.late = frozenset(n for n in self.where if n not in startup and n not in CUSTOMIZE)
+        self._real: dict = {}
+
+    def real(self, path: str) -> str:
+        """The real path of a held module's directory, resolved once (if one changed, the
+        server is stale anyway)."""
+        real = self._real.get(path)
+        if real is None:
+            real = self._real[path] = os.path.realpath(path)
+        return real
 
 
 def _location(module) -> tuple | None:
@@ -82,7 +91,7 @@ class Shadows:
         # None: the server was not started by a starter that recorded its start-up modules
         # (an older one); then every module counts, which only sends more runs cold.
         self.startup = startup or frozenset()
-        self.listings: dict = {}  # directory -> (mtime_ns, {name: "mod"|"pkg"|"dir"})
+        self.listings: dict = {}  # directory -> (mtime_ns, ({name: kind}, real path) or None)
         self._held: Held | None = None
         self._known = None
 
@@ -98,13 +107,14 @@ class Shadows:
         held = self.held(known)
         decided: set = set()
         for directory, early in run_directories(request):
-            names = self._listing(directory)
-            if not names:
+            listing = self._listing(directory)
+            if listing is None:
                 continue
+            names, real = listing
             for name in names.keys() & (held.early if early else held.late):
                 if name in decided:
                     continue
-                verdict = _verdict(directory, name, names[name], held.where[name])
+                verdict = _verdict(directory, real, name, names[name], held)
                 if verdict == "shadows":
                     return (f"{name!r} in {directory} shadows the server's module of that"
                             " name (python would import the local one)")
@@ -120,39 +130,41 @@ class Shadows:
             conn.reply({"cold": reason})
         return bool(reason)
 
-    def _listing(self, directory: str) -> dict:
+    def _listing(self, directory: str) -> tuple | None:
+        """({name: kind}, the directory's real path), or None if it is not there (or empty)."""
         try:
             mtime = os.stat(directory).st_mtime_ns
         except OSError:
-            return {}
+            return None
         cached = self.listings.get(directory)
         if cached is not None and cached[0] == mtime:
             return cached[1]
         names = _list(directory)
+        listing = (names, os.path.realpath(directory)) if names else None
         if time.time_ns() - mtime > RACY_NS:  # else an entry of the same tick may be missing
             if len(self.listings) >= MAX_CACHED:
                 self.listings.clear()
-            self.listings[directory] = (mtime, names)
-        return names
+            self.listings[directory] = (mtime, listing)
+        return listing
 
 
-def _verdict(directory: str, name: str, kind: str, where: tuple) -> str:
-    """What ``directory``'s entry ``name`` (of ``kind``) does to the held module found at
-    ``where``: "shadows", "same" (python finds the server's own file here), or "portion" (a
-    namespace portion python passes over for a regular module found later)."""
+def _verdict(directory: str, real: str, name: str, kind: str, held: Held) -> str:
+    """What ``directory``'s entry ``name`` (of ``kind``; ``real``: the directory's real path)
+    does to the held module: "shadows", "same" (python finds the server's own module here: a
+    PYTHONPATH naming site-packages), or "portion" (a namespace portion python passes over for
+    a regular module found later)."""
+    held_kind, place = held.where[name]
+    if held_kind == "dir" and real == held.real(place):
+        return "same"
     if kind == "dir":
         kind = "pkg" if _has_init(os.path.join(directory, name)) else "portion"
-    held_kind, place = where
-    real = os.path.realpath
     if held_kind == "ns":
-        portion = real(os.path.join(directory, name))
-        if kind == "portion" and any(real(p) == portion for p in place):
+        portion = os.path.join(real, name)
+        if kind == "portion" and any(held.real(p) == portion for p in place):
             return "portion"
         return "shadows"
     if kind == "portion" and held_kind != "other":
         return "portion"
-    if held_kind == "dir" and real(directory) == real(place):
-        return "same"
     return "shadows"
 
 
