@@ -34,9 +34,11 @@ def server_env(env) -> dict:
 def server_argv(config: dict, bundle: str) -> list:
     import json
 
+    # The modules python imports while starting, before sys.path[0] exists: no local file
+    # shadows those (see server/shadowing.py). Taken first, before py-preload's own imports.
     boot = (
-        "import sys; sys.path.append(sys.argv.pop(1)); "
-        "from preloaded.server.loop import main; main()"
+        "import sys; s = frozenset(sys.modules); sys.path.append(sys.argv.pop(1)); "
+        "from preloaded.server.loop import main; main(s)"
     )
     payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})
     return [config["python"], "-c", boot, config["pkg_root"], payload]
