@@ -1,4 +1,4 @@
-"""The per-run checks of issue 18 parts 2 and 3, timed in a process holding torch+transformers.
+"""The per-run checks of issue 18 parts 2-5, timed in a process holding torch+transformers.
 
 The shadowing check (the run's own directories against the held modules: a stat per directory,
 a cached listing) and the staleness check (a few stats, then a non-blocking read of the inotify
@@ -61,7 +61,24 @@ def main() -> None:
     print(f"shadowing, -c:                  {per_call_us(lambda: shadows.reason(code, known), n):6.1f} us")
     print(f"staleness, stats + inotify:     {per_call_us(new.changed, n):6.1f} us ({len(new.stamps)} stats)")
     print(f"staleness before (stats only):  {per_call_us(old.changed, n):6.1f} us ({len(old.stamps)} stats)")
+    _fds_and_flags(n)
     new.watcher.close()
+
+
+def _fds_and_flags(n: int) -> None:
+    """Issue 18 parts 4 and 5: the client's listing of the caller's fds (every run), and the
+    child's sys.flags (every run: a comparison; a write only for -B/-i/-q) and -W filters (only
+    with -W or PYTHONWARNINGS)."""
+    from preloaded.client.run import caller_fds
+    from preloaded.server import startflags
+
+    flags = {"u": False, "B": False, "i": False, "q": False, "W": []}
+    print(f"caller's fds (client):          {per_call_us(caller_fds, n):6.1f} us")
+    print(f"sys.flags, as the server's:     {per_call_us(lambda: startflags.set_flags(flags, {}), n):6.1f} us")
+    quiet = lambda: startflags._set_flag("quiet", 1)  # noqa: E731
+    print(f"sys.flags, one written:         {per_call_us(quiet, n):6.1f} us")
+    warn = lambda: startflags.install_warnoptions(["error"])  # noqa: E731
+    print(f"-W error behind the libraries': {per_call_us(warn, n):6.1f} us")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from test_differential import (  # noqa: F401  (client, general, warm: fixtures)
     server_runs,
     warm,
 )
-from test_native import socket_of
+from test_native import sanitized, socket_of  # noqa: F401  (sanitized: a fixture)
 
 TIMEOUT = 30
 
@@ -63,6 +63,16 @@ def test_fds_at_their_numbers(warm, tmp_path):
     assert server_runs(warm) == before + 1, "the starter did not run warm"
     assert actual == expected
     assert expected[0] == 0 and expected[3] == b"to three\n"
+
+
+def test_fds_under_sanitizers(sanitized, tmp_path):
+    """The C client's listing and sending of fds, under ASan and UBSan (a report would land on
+    stderr)."""
+    (tmp_path / "in").write_bytes(b"data")
+    expected = _shell(PYTHON, tmp_path)
+    before = server_runs(sanitized)
+    assert _shell(sanitized, tmp_path) == expected
+    assert server_runs(sanitized) == before + 1
 
 
 def _with_fds(exe: str, count: int, directory) -> tuple:
