@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, startup, tools
+from preloaded.server import budget, control, sigfd, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.context import Gate
@@ -37,8 +37,15 @@ FORWARDABLE = {int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, si
                                 signal.SIGTSTP, signal.SIGWINCH)}  # fmt: skip
 # What a run that arrives while the server stops is told: the client retries with a new server.
 RETRY = {"error": "stale", "reason": "the server is stopping"}
+# A client cannot tell a signal sent to its process group (timeout, `kill -- -PGID`, a terminal)
+# from one sent to it alone: these go to the run's whole group, so that nothing python's group
+# would have lost is left running. SIGUSR1/SIGUSR2 (rarely a group's, and fatal by default to a
+# program's helpers) reach the program alone.
 GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
-                 int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
+                 int(signal.SIGCONT), int(signal.SIGTSTP), int(signal.SIGTERM),
+                 int(signal.SIGHUP)}  # fmt: skip
+# Handlers only where the server has no signalfd (then a run's signal to its parent stops it).
+FALLBACK_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 LOG_PROBLEMS: list = []  # why the log cannot be written (disk full, ...): shown by status
@@ -76,6 +83,7 @@ class Server:
         self.budget: budget.ServerBudget | None = None  # set once listening (main)
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
+        self.sigfd: int | None = None  # the server's signals with their senders (sigfd.py)
         self.child_setup = None
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
@@ -132,9 +140,17 @@ class Server:
         for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for signum in HANDLED:
+        for signum in FALLBACK_HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            self.sigfd = sigfd.open_signalfd(HANDLED)
+        except OSError as exc:
+            log(f"{exc}: a run's signal to its parent would stop the server")
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+            return
+        self.sel.register(self.sigfd, selectors.EVENT_READ, self._handle_signals)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -229,11 +245,33 @@ class Server:
         except BlockingIOError:
             return
         for signum in signals:
-            if signum == signal.SIGCHLD:
-                self._reap()
-            elif not self.stopping:
-                log(f"got signal {signum}: stopping")
-                self.begin_stop(kill_children=True)
+            self._on_signal(signum)
+
+    def _handle_signals(self, _fileobj) -> None:
+        """Signals with their sender: a run's signal to its parent goes to its caller's parent."""
+        for signum, sender in sigfd.read_signals(self.sigfd):
+            conn = self._run_of(sender) if signum != signal.SIGCHLD else None
+            if conn is None:
+                self._on_signal(signum)
+            elif not conn.closed:  # its client sends it on: kill(getppid(), signum)
+                log(f"run {conn.pid} sent signal {signum} to its parent: relayed to its caller's")
+                conn.reply({"parent_signal": signum})
+
+    def _run_of(self, pid: int | None) -> Conn | None:
+        """The run ``pid`` belongs to: the run's child or a process in its session, else None."""
+        if pid is None:
+            return None
+        conn = self.children.get(pid)
+        if conn is None and pid != os.getpid():
+            conn = self.children.get(sigfd.session_of(pid))
+        return conn
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self._reap()
+        elif not self.stopping:
+            log(f"got signal {signum}: stopping")
+            self.begin_stop(kill_children=True)
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -357,6 +395,8 @@ class Server:
 
     def _own_fds(self) -> list:
         fds = [self.wake_r, self.wake_w, self.sel.fileno()]
+        if self.sigfd is not None:
+            fds.append(self.sigfd)
         if self.listener is not None:
             fds.append(self.listener.fileno())
         fds.extend(self.conns)

@@ -1,0 +1,68 @@
+"""The server's signals with their sender: blocked, and read from a signalfd in the selector loop.
+
+A warm run is the server's child, so ``os.kill(os.getppid(), n)`` in a program (a common way to
+tell a supervising script "ready") reaches the server. A plain handler cannot tell that signal
+from a ``kill`` of the server itself; a signalfd gives each signal's siginfo, and with it the
+sender. The signals stay blocked (the server never starts a thread: no thread can take them
+instead), so none is lost and none runs a handler; the loop reads them in the kernel's order
+(lowest number first), before a run's SIGCHLD.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+SFD_CLOEXEC = 0o2000000
+SFD_NONBLOCK = 0o4000
+_SIZE = 128  # struct signalfd_siginfo
+_INFO = struct.Struct("=IiiI")  # ssi_signo, ssi_errno, ssi_code, ssi_pid
+_BITS = 8 * ctypes.sizeof(ctypes.c_ulong)
+SI_USER, SI_QUEUE, SI_TKILL = 0, -1, -6  # sent by a process (kill, sigqueue, tgkill)
+
+
+def open_signalfd(signums) -> int:
+    """A non-blocking signalfd for ``signums`` (which the caller keeps blocked); OSError if the
+    kernel or libc has none."""
+    mask = (ctypes.c_ulong * (1024 // _BITS))()  # glibc's sigset_t
+    for signum in signums:
+        mask[(signum - 1) // _BITS] |= 1 << ((signum - 1) % _BITS)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.signalfd(-1, ctypes.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC)
+    except (OSError, AttributeError) as exc:
+        raise OSError(f"no signalfd: {exc}") from exc
+    if fd < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return fd
+
+
+def read_signals(fd: int) -> list:
+    """The signals waiting on ``fd``: [(signum, sender pid or None)], in the kernel's order.
+    The sender is None unless a process sent it (the kernel's SIGCHLD, a terminal's SIGINT)."""
+    try:
+        data = os.read(fd, _SIZE * 32)
+    except (BlockingIOError, InterruptedError):
+        return []
+    signals = []
+    for offset in range(0, len(data) - _SIZE + 1, _SIZE):
+        signum, _errno, code, pid = _INFO.unpack_from(data, offset)
+        signals.append((signum, pid if code in (SI_USER, SI_QUEUE, SI_TKILL) else None))
+    return signals
+
+
+def session_of(pid: int) -> int | None:
+    """The session id of ``pid`` (from /proc), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # After the command name (in parentheses, which may hold anything): state ppid pgrp session
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[3])
+    except (IndexError, ValueError):
+        return None
