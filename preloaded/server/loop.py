@@ -143,14 +143,7 @@ class Server:
         for signum in FALLBACK_HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        try:
-            self.sigfd = sigfd.open_signalfd(HANDLED)
-        except OSError as exc:
-            log(f"{exc}: a run's signal to its parent would stop the server")
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-            return
-        self.sel.register(self.sigfd, selectors.EVENT_READ, self._handle_signals)
+        self.sigfd = sigfd.install(HANDLED, self.sel, self._handle_signals, log)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -245,33 +238,18 @@ class Server:
         except BlockingIOError:
             return
         for signum in signals:
-            self._on_signal(signum)
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif not self.stopping:
+                log(f"got signal {signum}: stopping")
+                self.begin_stop(kill_children=True)
 
     def _handle_signals(self, _fileobj) -> None:
-        """Signals with their sender: a run's signal to its parent goes to its caller's parent."""
+        """Signals with their sender (sigfd.py): a run's own are relayed, the others go on to
+        the wakeup pipe, as the handlers would write them."""
         for signum, sender in sigfd.read_signals(self.sigfd):
-            conn = self._run_of(sender) if signum != signal.SIGCHLD else None
-            if conn is None:
-                self._on_signal(signum)
-            elif not conn.closed:  # its client sends it on: kill(getppid(), signum)
-                log(f"run {conn.pid} sent signal {signum} to its parent: relayed to its caller's")
-                conn.reply({"parent_signal": signum})
-
-    def _run_of(self, pid: int | None) -> Conn | None:
-        """The run ``pid`` belongs to: the run's child or a process in its session, else None."""
-        if pid is None:
-            return None
-        conn = self.children.get(pid)
-        if conn is None and pid != os.getpid():
-            conn = self.children.get(sigfd.session_of(pid))
-        return conn
-
-    def _on_signal(self, signum: int) -> None:
-        if signum == signal.SIGCHLD:
-            self._reap()
-        elif not self.stopping:
-            log(f"got signal {signum}: stopping")
-            self.begin_stop(kill_children=True)
+            if not sigfd.relay(sigfd.run_of(self.children, sender, signum), signum, log):
+                os.write(self.wake_w, bytes([signum]))
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -395,8 +373,7 @@ class Server:
 
     def _own_fds(self) -> list:
         fds = [self.wake_r, self.wake_w, self.sel.fileno()]
-        if self.sigfd is not None:
-            fds.append(self.sigfd)
+        fds.extend([self.sigfd] if self.sigfd is not None else [])
         if self.listener is not None:
             fds.append(self.listener.fileno())
         fds.extend(self.conns)

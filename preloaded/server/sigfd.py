@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import selectors
+import signal
 import struct
 
 SFD_CLOEXEC = 0o2000000
@@ -20,6 +22,44 @@ _SIZE = 128  # struct signalfd_siginfo
 _INFO = struct.Struct("=IiiI")  # ssi_signo, ssi_errno, ssi_code, ssi_pid
 _BITS = 8 * ctypes.sizeof(ctypes.c_ulong)
 SI_USER, SI_QUEUE, SI_TKILL = 0, -1, -6  # sent by a process (kill, sigqueue, tgkill)
+
+
+def install(signums, sel, handler, log) -> int | None:
+    """Block ``signums`` and return a signalfd for them, registered in ``sel`` with ``handler``;
+    None (and unblocked: the server's handlers take them, without their sender) where there is
+    none."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        fd = open_signalfd(signums)
+    except OSError as exc:
+        log(f"{exc}: a run's signal to its parent would stop the server")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+        return None
+    sel.register(fd, selectors.EVENT_READ, handler)
+    return fd
+
+
+def relay(conn, signum: int, log) -> bool:
+    """Have the run's client (``conn``) send ``signum`` to its own parent, the process python's
+    ``os.getppid()`` would have named; False when ``conn`` is None (not a run's signal). A run
+    whose client is gone loses it."""
+    if conn is None:
+        return False
+    if not conn.closed:
+        log(f"run {conn.pid} sent signal {signum} to its parent: relayed to its caller's")
+        conn.reply({"parent_signal": signum})
+    return True
+
+
+def run_of(children: dict, pid: int | None, signum: int):
+    """The run (``children``' value) whose process sent ``signum``: the run's child or a process
+    of its session (a run is a session leader); None for any other sender, and for SIGCHLD."""
+    if pid is None or signum == signal.SIGCHLD:
+        return None
+    run = children.get(pid)
+    if run is None and pid != os.getpid():
+        run = children.get(session_of(pid))
+    return run
 
 
 def open_signalfd(signums) -> int:
