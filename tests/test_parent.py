@@ -44,18 +44,6 @@ def starter(request):
     return request.getfixturevalue(name)
 
 
-@pytest.fixture(autouse=True)
-def default_dispositions():
-    """The signals these tests send act by default here, however the suite was started
-    (nohup, a background job ignoring SIGINT): children inherit what this process ignores."""
-    names = ("SIGHUP", "SIGTERM", "SIGUSR1", "SIGQUIT")
-    saved = {name: signal.signal(getattr(signal, name), signal.SIG_DFL) for name in names}
-    saved["SIGINT"] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    for name, handler in saved.items():
-        signal.signal(getattr(signal, name), handler)
-
-
 def _script(tmp_path, name: str, code: str) -> str:
     path = tmp_path / name
     path.write_text(code)
