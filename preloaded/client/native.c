@@ -24,6 +24,9 @@
 #include <string.h>
 #ifdef __linux__
 #include <sys/syscall.h>
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434 /* Linux 5.3, the same number on every architecture */
+#endif
 #endif
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1114,7 +1117,7 @@ static char request_buf[4 + MAX_FRAME + 1];
    variable but has another parent). The pidfd is close-on-exec: the Python starter or a cold
    kernel (python's own ipykernel) watch for themselves. */
 static void follow_jupyter(void) {
-#if defined(__linux__) && defined(SYS_pidfd_open)
+#ifdef __linux__
     const char *jupyter = getenv("JPY_PARENT_PID");
     char parent[24];
     snprintf(parent, sizeof parent, "%ld", (long)getppid());
