@@ -16,26 +16,37 @@ import selectors
 import signal
 import struct
 
+from preloaded.server.preload import HANDLED
+
 SFD_CLOEXEC = 0o2000000
 SFD_NONBLOCK = 0o4000
 _SIZE = 128  # struct signalfd_siginfo
 _INFO = struct.Struct("=IiiI")  # ssi_signo, ssi_errno, ssi_code, ssi_pid
 _BITS = 8 * ctypes.sizeof(ctypes.c_ulong)
+# The handlers where there is no signalfd (then a run's signal to its parent stops the server).
+FALLBACK_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SI_USER, SI_QUEUE, SI_TKILL = 0, -1, -6  # sent by a process (kill, sigqueue, tgkill)
 
 
-def install(signums, sel, handler, log) -> int | None:
-    """Block ``signums`` and return a signalfd for them, registered in ``sel`` with ``handler``;
-    None (and unblocked: the server's handlers take them, without their sender) where there is
-    none."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+def install(sel, wake: tuple, on_wakeup, on_signals, log) -> int | None:
+    """The server's signals: the wakeup pipe ``wake`` (read, write) with handlers that only
+    write to it (``on_wakeup`` reads it), then HANDLED blocked and read with their senders from
+    the signalfd returned (``on_signals`` reads it). Without a signalfd they stay unblocked:
+    the handlers take them, without their sender (None is returned)."""
+    for fd in wake:
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake[1], warn_on_full_buffer=False)
+    for signum in FALLBACK_HANDLED:
+        signal.signal(signum, lambda s, f: None)
+    sel.register(wake[0], selectors.EVENT_READ, on_wakeup)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
-        fd = open_signalfd(signums)
+        fd = open_signalfd(HANDLED)
     except OSError as exc:
         log(f"{exc}: a run's signal to its parent would stop the server")
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         return None
-    sel.register(fd, selectors.EVENT_READ, handler)
+    sel.register(fd, selectors.EVENT_READ, on_signals)
     return fd
 
 
