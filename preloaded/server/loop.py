@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, startup, tools
+from preloaded.server import budget, control, envdeps, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.context import Gate
@@ -163,7 +163,8 @@ class Server:
         turn: a client that comes waits for one)."""
         if not self._can_learn():
             return
-        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
+        with envdeps.recording():  # a learned import reads the environment too
+            outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
         if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
@@ -308,9 +309,23 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
+        if self._env_differs(conn, frame["env"]):
+            return
         if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
+
+    def _env_differs(self, conn: Conn, env: dict) -> bool:
+        """A run whose environment differs from what the imports read goes cold (see envdeps);
+        the second such run in a row with the same values retires the server (and runs on the
+        fresh one its client starts)."""
+        reason, retire = envdeps.GATE.verdict(env)
+        if retire:
+            log(f"environment changed ({reason}), twice in a row: retiring")
+            self.begin_stop(retry={"error": "stale", "reason": reason})
+        elif reason:
+            self._close(GATE.tell_cold(conn, reason, log))
+        return reason is not None
 
     def status(self) -> dict:
         return {
@@ -324,7 +339,7 @@ class Server:
             "socket": self.paths.socket, "log": self.paths.log,
             "learn": self.learner.status() if self.learner else None,
             "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
-            "last_used": self.last_used,
+            "last_used": self.last_used, "env": envdeps.summary(),
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
