@@ -7,9 +7,12 @@ server imports (preloading, learned imports, the warm-up) ``os.environ`` and ``o
 record every name read (``[...]``, ``get``, ``in``, ``os.getenv``) with the value seen, absent
 included; a run whose values differ goes cold, naming the variable in the log.
 
-Covered: reads through ``os.environ``/``os.environb``. Not seen: C code calling ``getenv``
-(OpenMP/MKL thread counts are matched by ``threads.py``; ``TZ``, read by the C library, is
-re-read by ``time.tzset()`` in the child, see ``apply_tz``).
+Covered: reads through ``os.environ``/``os.environb``; code that lists the whole environment
+(``items()``, ``copy()``) depends on every variable, except known listers that only look for a
+prefix (``LISTERS``). Not seen: C code calling ``getenv`` (OpenMP/MKL thread counts are matched
+by ``threads.py``; ``TZ``, read by the C library, is re-read in the child, see ``follow_tz``).
+Variables the imports set themselves are not carried into a child (none for torch and
+transformers).
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ class Record:
         where = _importer_frame()
         if where is None:
             return
-        env = {k: v for k, v in os.environ._data.items()}  # not through the recorder
-        env = {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}
+        # os.environ._data, not through the recorder
+        env = {os.fsdecode(k): os.fsdecode(v) for k, v in os.environ._data.items()}
         prefixes = _known_lister(where)
         for prefix in prefixes or ():
             self.prefixes.setdefault(prefix, _with_prefix(env, prefix))
@@ -162,6 +165,18 @@ class Gate:
 
     def __init__(self) -> None:
         self.last: tuple | None = None  # the recorded names' values in the last run that differed
+
+    def sent_back_cold(self, conn, request: dict, log, retire) -> bool:
+        """Tell ``conn`` (a request.Conn) to run cold, or ``retire`` the server (the loop's
+        ``begin_stop``: the run gets a retry, its client starts a fresh server)."""
+        reason, repeated = self.verdict(request["env"])
+        if repeated:
+            log(f"environment changed ({reason}) for two runs in a row: retiring")
+            retire(retry={"error": "stale", "reason": reason})
+        elif reason:
+            log(f"run of pid {conn.peer.pid} goes cold: {reason}")
+            conn.reply({"cold": reason})
+        return reason is not None
 
     def verdict(self, env: dict) -> tuple:
         """(reason, retire): reason None when ``env`` matches what the imports saw."""

@@ -309,23 +309,10 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if self._env_differs(conn, frame["env"]):
-            return
-        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
+        if (tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log)
+                or envdeps.GATE.sent_back_cold(conn, frame, log, self.begin_stop)):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
-
-    def _env_differs(self, conn: Conn, env: dict) -> bool:
-        """A run whose environment differs from what the imports read goes cold (see envdeps);
-        the second such run in a row with the same values retires the server (and runs on the
-        fresh one its client starts)."""
-        reason, retire = envdeps.GATE.verdict(env)
-        if retire:
-            log(f"environment changed ({reason}), twice in a row: retiring")
-            self.begin_stop(retry={"error": "stale", "reason": reason})
-        elif reason:
-            self._close(GATE.tell_cold(conn, reason, log))
-        return reason is not None
 
     def status(self) -> dict:
         return {
