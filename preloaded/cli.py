@@ -52,6 +52,15 @@ print(json.dumps({"executable": sys.executable, "missing": missing, "path": extr
 """
 
 
+def require_linux() -> None:
+    """Stop with one line where a server cannot work (see docs/differences.md, Platforms)."""
+    if not sys.platform.startswith("linux"):
+        raise click.ClickException(
+            "py-preload needs Linux (a forked warm server, /proc, SO_PEERCRED, pidfds); "
+            f"this system is {sys.platform}"
+        )
+
+
 def resolve_python(python: str) -> str:
     """The interpreter binary to name in the shebang.
 
@@ -147,6 +156,7 @@ def bundle(modules, output, python, idle_timeout, packages, requirement_files, s
     time by `py-preload install FILE`) into an overlay shared by bundles with the same set.
     Library modules that runs keep importing are learned: the server imports them too.
     """
+    require_linux()
     if not modules and not script:
         raise click.UsageError("name the MODULES to preload, or pass --script FILE")
     config = plan_bundle(modules, python, idle_timeout, packages, requirement_files, script)
@@ -256,6 +266,7 @@ def run(packages, requirement_files, python, script, args) -> None:
     """
     from preloaded.install import runcache
 
+    require_linux()
     try:
         bundle_file = runcache.bundle_for(packages, requirement_files, python, script)
     except OSError as exc:

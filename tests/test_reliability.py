@@ -2,8 +2,8 @@
 
 Real servers, real forks, real PTYs, real users (via setpriv); every wait has a deadline. Each
 test that kills, breaks or counts servers uses its own bundle (or its own runtime directory),
-so that it never disturbs the servers other tests use. Figures in the README's "Reliability"
-section come from these tests (``-s`` prints them).
+so that it never disturbs the servers other tests use. Figures in docs/reliability.md come from
+these tests (``-s`` prints them).
 
 What is already covered elsewhere and not repeated here: 20 concurrent first runs, malformed
 frames of most kinds, a failing import, a thread-starting or CUDA-initialising preload
