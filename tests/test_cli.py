@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import PYTHON, REPO, server_pids
+import click
+from click.testing import CliRunner
+
+from conftest import PYTHON, REPO, cli, server_pids
 
 # Run py-preload's CLI, or a starter, in an interpreter that believes it is on another system.
 # The starter is the file itself, run as its shebang would (python -SI FILE ARGS).
@@ -44,3 +47,90 @@ def test_pyproject_says_linux():
         assert '"Operating System :: POSIX :: Linux"' in f.read()
 
 
+
+
+# -- --help: whole, with an example per command --------------------------------------------------
+
+
+def _commands(group, prefix=()):
+    """Every command and group under ``group``, with its command line (depth first)."""
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+def test_help_is_whole_and_shows_examples_in_80_columns():
+    from preloaded.cli import main
+
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"], terminal_width=80)
+    assert top.exit_code == 0
+    listed = top.output.split("Commands:\n")[1].split("\n\n")[0]
+    assert "..." not in listed  # click cuts a summary too long for the terminal with "..."
+    for path, command in [((), main), *_commands(main)]:
+        out = runner.invoke(main, [*path, "--help"], terminal_width=80).output
+        assert "Examples:" in out, path
+        too_long = [line for line in out.splitlines() if len(line) > 80]
+        assert not too_long, (path, too_long)
+        if path:
+            assert f"  {path[-1]} " in (top.output if len(path) == 1 else _group_help(path))
+
+
+def _group_help(path) -> str:
+    from preloaded.cli import main
+
+    return CliRunner().invoke(main, [*path[:-1], "--help"], terminal_width=80).output
+
+
+# -- bundle -o: never replaces what is not a starter ----------------------------------------------
+
+
+def test_bundle_refuses_to_replace_a_file_that_is_not_a_starter(tmp_path):
+    precious = tmp_path / "python"
+    precious.write_text("#!/bin/sh\necho the real thing\n")
+    os.utime(precious, (1_000_000_000, 1_000_000_000))
+    link = tmp_path / "link"
+    os.symlink(PYTHON, link)  # `-o .venv/bin/python`: a venv's interpreter is a symlink
+    for target in (precious, link):
+        proc = cli("bundle", "json", "--client", "python", "-o", str(target), check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert f"{target} exists and is not a py-preload starter" in proc.stderr
+        assert "--force" in proc.stderr
+    assert precious.read_text() == "#!/bin/sh\necho the real thing\n"
+    assert precious.stat().st_mtime == 1_000_000_000
+    assert os.readlink(link) == PYTHON
+    cli("bundle", "json", "--client", "python", "-o", str(precious), "--force")
+    assert "py-preload starter" in precious.read_text()
+    cli("bundle", "decimal", "--client", "python", "-o", str(precious))  # a starter: replaced
+    assert "decimal kept warm" in precious.read_text()
+
+
+# -- status, stop, logs, forget: a FILE that is not a starter ---------------------------------------
+
+
+def test_a_file_that_is_not_a_starter_is_named_as_such(tmp_path, light_bundle):
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not a starter\n")
+    damaged = tmp_path / "damaged.bin"
+    with open(light_bundle, "rb") as f:
+        damaged.write_bytes(f.read()[:120])  # cut in the middle of its config
+    missing = tmp_path / "missing.bin"
+    for command in ("status", "stop", "logs", "forget"):
+        for path in (foreign, damaged):
+            out = _invoke(command, path)
+            assert out.exit_code == 2, (command, path, out.output)
+            assert out.output == (f"Error: {path} is not a py-preload starter (damaged, or another"
+                                  f" program); write it again with `py-preload bundle MODULES -o"
+                                  f" {path}`\n")  # fmt: skip
+        out = _invoke(command, missing)
+        assert (out.exit_code, out.output) == (
+            2, f"Error: {missing}: no such file; name a starter written by `py-preload bundle`\n")
+    assert foreign.read_text() == "not a starter\n"
+
+
+def _invoke(command, path):
+    from preloaded.cli import main
+
+    return CliRunner().invoke(main, [command, str(path)], terminal_width=80)

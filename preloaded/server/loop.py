@@ -23,6 +23,7 @@ from preloaded.paths import Paths
 from preloaded.server import budget, control, envdeps, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
+from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
 from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
@@ -51,12 +52,17 @@ def log(message: str) -> None:
         os.write(2, line.encode("utf-8", "backslashreplace"))
     except OSError as exc:
         if not LOG_PROBLEMS:
-            LOG_PROBLEMS.append(f"cannot write the log: {exc.strerror}; the server keeps serving")
+            LOG_PROBLEMS.append(
+                f"cannot write the log: {exc.strerror}. Runs are not affected, but the log misses"
+                " why runs went cold; make room for it (`py-preload logs FILE` shows where),"
+                " then `py-preload stop FILE`"
+            )
 
 
 class Server:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
+        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
         self.paths = Paths(config["bundle"])
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
@@ -135,6 +141,7 @@ class Server:
         for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -173,6 +180,7 @@ class Server:
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
+            self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             if not self.learner.busy():
                 self.write_info()
@@ -310,6 +318,7 @@ class Server:
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
         if (tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log)
+                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log)
                 or envdeps.GATE.sent_back_cold(conn, frame, log, self.begin_stop)):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
@@ -365,6 +374,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
@@ -495,7 +505,10 @@ def _open_log(path: str) -> None:
         if os.fstat(fd).st_size > 4 << 20:
             os.ftruncate(fd, 0)
     except OSError as exc:
-        LOG_PROBLEMS.append(f"cannot open the log {path}: {exc.strerror}; logging to nowhere")
+        LOG_PROBLEMS.append(
+            f"cannot open the log {path}: {exc.strerror}. Runs are not affected, but nothing is"
+            " logged; make that path writable, then `py-preload stop FILE`"
+        )
         fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -512,10 +525,12 @@ def _write_failure(paths: Paths, message: str) -> None:
         pass
 
 
-def main() -> None:
+def main(startup: frozenset | None = None) -> None:
+    """``startup``: the modules the interpreter had before the boot imported anything (see
+    spawn.server_argv): what python imports before ``sys.path[0]`` is set."""
     config = json.loads(sys.argv[1])
     os.chdir("/")
-    server = Server(config)
+    server = Server(config, startup)
     _open_log(server.paths.log)
     if not server.acquire_lock():
         sys.exit(ALREADY_RUNNING)
