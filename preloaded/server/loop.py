@@ -141,7 +141,7 @@ class Server:
 
     def install_signals(self) -> None:
         self.sigfd = sigfd.install(self.sel, (self.wake_r, self.wake_w), self._handle_wakeup,
-                                   self._handle_signals, log)
+                                   self.children, log)  # a run's signal to its parent: relayed
         self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
@@ -244,12 +244,6 @@ class Server:
             elif not self.stopping:
                 log(f"got signal {signum}: stopping")
                 self.begin_stop(kill_children=True)
-
-    def _handle_signals(self, _fileobj) -> None:
-        """Signals with their sender (sigfd.py): a run's are relayed, others go to the wakeup fd."""
-        for signum, sender in sigfd.read_signals(self.sigfd):
-            if not sigfd.relay(sigfd.run_of(self.children, sender, signum), signum, log):
-                os.write(self.wake_w, bytes([signum]))
 
     def _handle_accept(self, _fileobj) -> None:
         while True:

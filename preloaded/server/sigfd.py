@@ -28,10 +28,11 @@ FALLBACK_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP
 SI_USER, SI_QUEUE, SI_TKILL = 0, -1, -6  # sent by a process (kill, sigqueue, tgkill)
 
 
-def install(sel, wake: tuple, on_wakeup, on_signals, log) -> int | None:
+def install(sel, wake: tuple, on_wakeup, runs: dict, log) -> int | None:
     """The server's signals: the wakeup pipe ``wake`` (read, write) with handlers that only
     write to it (``on_wakeup`` reads it), then HANDLED blocked and read with their senders from
-    the signalfd returned (``on_signals`` reads it). Without a signalfd they stay unblocked:
+    the signalfd returned: a signal from a process of one of ``runs`` (pid -> its connection)
+    is relayed, the others go on to the wakeup pipe. Without a signalfd they stay unblocked:
     the handlers take them, without their sender (None is returned)."""
     for fd in wake:
         os.set_blocking(fd, False)
@@ -46,8 +47,14 @@ def install(sel, wake: tuple, on_wakeup, on_signals, log) -> int | None:
         log(f"{exc}: a run's signal to its parent would stop the server")
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         return None
-    sel.register(fd, selectors.EVENT_READ, on_signals)
+    sel.register(fd, selectors.EVENT_READ, lambda _fileobj: _dispatch(fd, runs, wake[1], log))
     return fd
+
+
+def _dispatch(fd: int, runs: dict, wake_w: int, log) -> None:
+    for signum, sender in read_signals(fd):
+        if not relay(run_of(runs, sender, signum), signum, log):
+            os.write(wake_w, bytes([signum]))  # as the handlers would: the loop acts on it
 
 
 def relay(conn, signum: int, log) -> bool:
