@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib._bootstrap_external as bootstrap
 import os
 import subprocess
+from importlib.machinery import EXTENSION_SUFFIXES
 
 import pytest
 
@@ -20,8 +21,10 @@ from conftest import PYTHON, make_bundle, native_only, serving
 from test_differential import Case, _explain, _run, server_runs
 
 MODULES = ("json", "decimal", "filelock")  # two standard-library modules, one third-party
-SHOW = "import json, decimal, filelock\nprint(json.dumps([1]), decimal.Decimal(1), filelock.__name__)\n"
+SHOW = ("import json, decimal, filelock\n"
+        "print(json.dumps([1]), decimal.Decimal(1), filelock.__name__)\n")
 LOCAL = "def dumps(x): return 'local json'\n"
+EXTENSION = EXTENSION_SUFFIXES[0]  # name.cpython-3XY-<platform>.so
 
 
 def _pyc(source: str) -> bytes:
@@ -39,6 +42,7 @@ CASES = [
     (Case("third-party-package", ["{d}/s.py"],
           {"s.py": SHOW, "filelock/__init__.py": "print('my package')\n"}), False),
     (Case("sourceless-pyc", ["{d}/s.py"], {"s.py": SHOW, "json.pyc": _pyc(LOCAL)}), False),
+    (Case("extension-module", ["{d}/s.py"], {"s.py": SHOW, "json" + EXTENSION: b"not ELF"}), False),
     (Case("script-in-subdir", ["sub/s.py"], {"sub/s.py": SHOW, "sub/json.py": LOCAL}), False),
     (Case("cwd-with-c", ["-c", SHOW], {"json.py": LOCAL}), False),
     (Case("cwd-with-m", ["-m", "mod"], {"mod.py": SHOW, "filelock/__init__.py": ""}), False),
