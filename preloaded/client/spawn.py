@@ -141,20 +141,26 @@ def _wait_ready(proc, paths, note):
 
 
 class _Progress:
-    """A one-line note on stderr while the modules import; only when stderr is a terminal."""
+    """A one-line note on stderr while the modules import; only when stderr is a terminal.
+
+    Ticked every few ms while waiting for the server: drawn only when its text changes (whole
+    seconds elapsed, never rounded up)."""
 
     def __init__(self, config: dict) -> None:
-        self.shown = False
+        self.shown = ""
         self.started = time.monotonic()
         self.enabled = os.isatty(2)
         self.text = "py-preload: warming " + ", ".join(config["modules"])
 
     def tick(self) -> None:
-        if self.enabled and time.monotonic() - self.started > 0.2:
-            elapsed = time.monotonic() - self.started
-            sys.stderr.write(f"\r\x1b[K{self.text} ({elapsed:.0f} s)")
+        elapsed = time.monotonic() - self.started
+        if not self.enabled or elapsed <= 0.2:
+            return
+        line = f"{self.text} ({int(elapsed)} s)"
+        if line != self.shown:
+            sys.stderr.write(f"\r\x1b[K{line}")
             sys.stderr.flush()
-            self.shown = True
+            self.shown = line
 
     def clear(self) -> None:
         if self.shown:
