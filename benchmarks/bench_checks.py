@@ -57,10 +57,12 @@ def main() -> None:
     n = args.n
     print(f"held top-level modules: {len(shadows.held(known).late)}; "
           f"watched: {len(new.watched)} files in {len(new.watcher.names)} directories")
-    print(f"shadowing, script + PYTHONPATH: {per_call_us(lambda: shadows.reason(script, known), n):6.1f} us")
-    print(f"shadowing, -c:                  {per_call_us(lambda: shadows.reason(code, known), n):6.1f} us")
-    print(f"staleness, stats + inotify:     {per_call_us(new.changed, n):6.1f} us ({len(new.stamps)} stats)")
-    print(f"staleness before (stats only):  {per_call_us(old.changed, n):6.1f} us ({len(old.stamps)} stats)")
+    rows = [("shadowing, script + PYTHONPATH", lambda: shadows.reason(script, known), ""),
+            ("shadowing, -c", lambda: shadows.reason(code, known), ""),
+            ("staleness, stats + inotify", new.changed, f" ({len(new.stamps)} stats)"),
+            ("staleness before (stats only)", old.changed, f" ({len(old.stamps)} stats)")]
+    for label, func, note in rows:
+        print(f"{label + ':':32} {per_call_us(func, n):6.1f} us{note}")
     _fds_and_flags(n)
     new.watcher.close()
 
@@ -73,13 +75,12 @@ def _fds_and_flags(n: int) -> None:
     from preloaded.server import startflags
 
     flags = {"u": False, "B": False, "i": False, "q": False, "W": []}
-    print(f"caller's fds (client):          {per_call_us(caller_fds, n):6.1f} us")
-    print(f"sys.flags, as the server's:     {per_call_us(lambda: startflags.set_flags(flags, {}), n):6.1f} us")
-    quiet = lambda: startflags._set_flag("quiet", 1)  # noqa: E731
-    print(f"sys.flags, one written:         {per_call_us(quiet, n):6.1f} us")
-    warn = lambda: startflags.install_warnoptions(["error"])  # noqa: E731
-    print(f"-W error behind the libraries': {per_call_us(warn, n):6.1f} us")
-
+    rows = [("caller's fds (client)", caller_fds),
+            ("sys.flags, as the server's", lambda: startflags.set_flags(flags, {})),
+            ("sys.flags, one written", lambda: startflags._set_flag("quiet", 1)),
+            ("-W error behind the libraries'", lambda: startflags.install_warnoptions(["error"]))]
+    for label, func in rows:
+        print(f"{label + ':':32} {per_call_us(func, n):6.1f} us")
 
 if __name__ == "__main__":
     main()
