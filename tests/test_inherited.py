@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pty
 import subprocess
+import time
 
 import pytest
 
@@ -73,6 +74,19 @@ def test_fds_under_sanitizers(sanitized, tmp_path):
     before = server_runs(sanitized)
     assert _shell(sanitized, tmp_path) == expected
     assert server_runs(sanitized) == before + 1
+
+
+def test_no_fd_of_another_run(warm):
+    """A standby forked while another run goes must not hold that run's fds (its pidfd was)."""
+    code = "import os; print(sorted(int(n) for n in os.listdir('/proc/self/fd')))"
+    other = subprocess.Popen([warm, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # the next standby is forked while it runs
+        runs = [subprocess.run([exe, "-c", code], capture_output=True, stdin=subprocess.DEVNULL,
+                               timeout=TIMEOUT) for exe in (PYTHON, warm)]  # fmt: skip
+    finally:
+        other.communicate(timeout=TIMEOUT)
+    assert runs[1].stdout == runs[0].stdout == b"[0, 1, 2, 3]\n"
 
 
 def _with_fds(exe: str, count: int, directory) -> tuple:
