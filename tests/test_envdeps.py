@@ -55,8 +55,9 @@ def with_env(base: dict, **changes) -> dict:
 class Case:
     """A bundle preloading ``modules``, its server started with ``server_env``; a script."""
 
-    def __init__(self, bundle: str, script: str, cwd: str, base_env: dict) -> None:
+    def __init__(self, bundle: str, script: str, cwd: str, base_env: dict, client: str) -> None:
         self.bundle, self.script, self.cwd, self.base_env = bundle, script, cwd, base_env
+        self.client = client
 
     def compare(self, env: dict, warm: bool | None) -> str:
         """Python and the starter under ``env`` print the same; the starter's run was warm
@@ -83,7 +84,7 @@ def make_case(tmp_path_factory, client: str, modules: tuple, script: str, env: d
     script_path.write_text(script)
     started = run([bundle, "-c", "pass"], env, str(directory))
     assert started.returncode == 0, started.stderr
-    return Case(bundle, str(script_path), str(directory), env)
+    return Case(bundle, str(script_path), str(directory), env, client)
 
 
 @pytest.fixture(scope="module", params=["python", "native"])
@@ -135,6 +136,8 @@ def test_status_lists_the_variables(envmod):
 def test_the_same_other_values_twice_in_a_row_make_a_server_for_them(envmod):
     """(Last of the envmod tests: it leaves a server made with other values.) A sweep with a value per job stays cold (no server per job); a shell whose variable
     changed for good gets a server made with it at its second run."""
+    if envmod.client == "native":  # decided in the server; its "stale" reply is not new
+        pytest.skip("the Python client's run covers it (CI time)")
     pid = status(envmod.bundle)["pid"]
     for value in ("a", "b"):
         envmod.compare(with_env(envmod.base_env, ENVDEPS_GREETING=value), warm=False)
