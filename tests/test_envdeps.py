@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, cli, need_native
+from conftest import PYTHON, REPO, cli, need_native
 
 TIMEOUT = 120
 
@@ -185,3 +185,53 @@ def test_huggingface_hub_offline_and_home(tmp_path_factory, hf_client, server_of
         assert out.startswith("True " + home if server_offline else "False ")
     finally:
         cli("stop", case.bundle, check=False)
+
+
+LISTER = '''
+import os
+SNAPSHOT = dict(os.environ)  # lists the whole environment: every variable counts
+FROM_BYTES = os.environb.get(b"ENVDEPS_BYTES")
+'''
+
+
+@pytest.fixture
+def fresh_record(monkeypatch, tmp_path):
+    """The recorder of this process, reset (what a server does while it imports)."""
+    from preloaded.server import envdeps
+
+    monkeypatch.setattr(envdeps, "RECORD", envdeps.Record())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return envdeps
+
+
+def test_code_that_lists_the_environment_depends_on_all_of_it(fresh_record, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    (tmp_path / "envdeps_lister.py").write_text(LISTER)
+    monkeypatch.setenv("ENVDEPS_BYTES", "b")
+    with fresh_record.recording() as record:
+        import envdeps_lister  # noqa: F401
+    assert record.seen["ENVDEPS_BYTES"] == "b"  # os.environb, recorded under its str name
+    assert record.listers == [f"{tmp_path / 'envdeps_lister.py'}:3"]
+    env = dict(os.environ)
+    assert fresh_record.difference(env) is None
+    assert "ENVDEPS_NEW differs" in fresh_record.difference({**env, "ENVDEPS_NEW": "1"})
+    assert type(os.environ) is os._Environ  # the recorder is gone once the imports are done
+
+
+TQDM = '''
+import os
+from preloaded.server import envdeps
+with envdeps.recording() as record:
+    import tqdm  # its envwrap lists os.environ for the TQDM_* defaults of tqdm()
+assert record.whole is None and "TQDM_" in record.prefixes, (record.listers, record.prefixes)
+env = {**os.environ, "TERM": "other", "PWD": "/elsewhere", "_": "x"}
+assert envdeps.difference(env) is None, envdeps.difference(env)
+print(envdeps.difference({**env, "TQDM_MININTERVAL": "5"}))
+'''
+
+
+def test_tqdm_depends_on_its_own_variables_only():
+    pytest.importorskip("tqdm")
+    out = subprocess.run([PYTHON, "-c", TQDM], capture_output=True, text=True, timeout=TIMEOUT,
+                         env=with_env(os.environ, PYTHONPATH=REPO))  # fmt: skip
+    assert out.stdout.startswith("TQDM_* variables differ"), out.stderr
