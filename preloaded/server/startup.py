@@ -83,6 +83,8 @@ def warm_up(config: dict, paths, log) -> Warm:
     warm.warnings = preload.thread_warnings(suspects, baseline)
     for warning in warm.warnings:
         log("warning: " + warning)
+    if warm.stamps.watcher is not None and warm.stamps.watcher.problem:  # logged already
+        warm.warnings.append(warm.stamps.watcher.problem)
     return warm
 
 
