@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, startup, tools
+from preloaded.server import budget, control, hugepages, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.context import Gate
@@ -81,6 +81,7 @@ class Server:
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
         self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
+        self.hugepages = hugepages.Collapser(log)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class Server:
         self.import_times, self.warnings = warm.import_times, warm.warnings
         self.warmup_time, self.learner, self.stamps = warm.warmup_time, warm.learner, warm.stamps
         self.child_setup = self.pool.setup = warm.child_setup
+        self.hugepages.plan()  # collapsed once serving, between runs
 
     def listen(self) -> None:
         tmp = f"{self.paths.socket}.{os.getpid()}"
@@ -147,16 +149,22 @@ class Server:
             self.stops.check(self.children)
             self._check_socket()
             self._learn_step()
+            if self._between_runs() and not self._can_learn():  # learning changes the memory
+                self.hugepages.step()  # some of the server's memory into huge pages
             if not events and self._refill_in() == 0.0:
                 self.pool.refill()
             if not events and self.budget is not None:
                 self.budget.check_memory()
 
+    def _between_runs(self) -> bool:
+        """No run waits to be handed over (running ones may go on)."""
+        return not self.stopping and all(conn.pid is not None for conn in self.conns.values())
+
     def _can_learn(self) -> bool:
         """Learned modules are imported (probes forked) between runs, never while a run waits."""
-        if self.stopping or self.learner is None or not self.learner.needs_turn():
+        if self.learner is None or not self.learner.needs_turn():
             return False
-        return all(conn.pid is not None for conn in self.conns.values())
+        return self._between_runs()
 
     def _learn_step(self) -> None:
         """Import one learned module, or fork the probe that checks them first (one per loop
@@ -173,12 +181,13 @@ class Server:
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
+            self.hugepages.plan()  # the new imports' memory too
             if not self.learner.busy():
                 self.write_info()
 
     def _timeout(self) -> float:
-        if self._can_learn():
-            return 0.0  # more to learn: look at the sockets, then import the next one
+        if self._can_learn() or self.hugepages.pending() and self._between_runs():
+            return 0.0  # more to learn or collapse: look at the sockets, then do the next step
         now = time.monotonic()
         limits = [1.0, self.stops.due_in(self.children, now)]
         limits += [deadline - now for deadline in self.learner.deadlines()]
@@ -350,8 +359,9 @@ class Server:
 
     def _refill_in(self, now: float | None = None) -> float | None:
         """Seconds until the next standby should be forked (0: now); None if none is wanted.
-        Not while learning: each learned import discards it."""
-        if self.stopping or self._can_learn():
+        Not while learning: each learned import discards it; nor before the server's memory is
+        in huge pages: a standby forked before would pay the small pages' fork and exit."""
+        if self.stopping or self._can_learn() or self.hugepages.pending():
             return None
         return self.pool.refill_in(bool(self.children), time.monotonic() if now is None else now)
 
