@@ -176,10 +176,10 @@ class Server:
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
         elif outcome in ("learned", "failed"):  # failed: after importing some dependencies?
-            from preloaded.server import preload
+            from preloaded.server import learn, preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
-            self.child_setup.known = frozenset(sys.modules)
+            learn.remember_modules(self.child_setup)
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             self.hugepages.plan()  # the new imports' memory too
             if not self.learner.busy():
