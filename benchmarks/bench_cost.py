@@ -72,21 +72,21 @@ def cli(*args: str) -> None:
                    stdout=subprocess.DEVNULL, timeout=600)  # fmt: skip
 
 
-def spawn(argv: list, stdout: int) -> int:
+def spawn(argv: list, stdout: int, env: dict | None = None) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        return os.posix_spawn(argv[0], argv, os.environ,
+        return os.posix_spawn(argv[0], argv, env or os.environ,
                               file_actions=[(os.POSIX_SPAWN_DUP2, null, 0),
                                             (os.POSIX_SPAWN_DUP2, stdout, 1)])  # fmt: skip
     finally:
         os.close(null)
 
 
-def run_one(argv: list, stdout: int | None = None) -> float:
+def run_one(argv: list, stdout: int | None = None, env: dict | None = None) -> float:
     """Run ``argv`` to its end; its CPU (user + system, from wait4)."""
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        pid = spawn(argv, stdout if stdout is not None else null)
+        pid = spawn(argv, stdout if stdout is not None else null, env)
     finally:
         os.close(null)
     _, status, ru = os.wait4(pid, 0)
@@ -215,7 +215,7 @@ def breakdown(bundle: str, pid: int, runs: int) -> dict:
     """A warm run's parts, averaged over ``runs`` spaced runs of PROBE and FORK_PROBE."""
     r, w = os.pipe()
     child_cpu, minflt, clients = [], [], 0.0
-    own0, tree0 = _own(pid), tree_cpu(pid)
+    own0, tree0, faults0 = _own(pid), tree_cpu(pid), _minflt(pid)
     for _ in range(runs):
         time.sleep(0.15)  # the standby refilled, the last run torn down
         clients += run_one([bundle, "-c", PROBE], w)
@@ -224,6 +224,7 @@ def breakdown(bundle: str, pid: int, runs: int) -> dict:
         minflt.append(int(flt))
     time.sleep(0.3)
     own, tree = (_own(pid) - own0) / runs, (tree_cpu(pid) - tree0) / runs
+    server_faults = (_minflt(pid) - faults0) / runs
     forks = []
     for _ in range(max(3, runs // 3)):
         time.sleep(0.15)
@@ -234,10 +235,26 @@ def breakdown(bundle: str, pid: int, runs: int) -> dict:
     setup = statistics.mean(child_cpu)
     return {"client": clients / runs, "server": own, "setup": setup,
             "minflt": statistics.median(minflt), "exit": tree - own - setup,
+            "server_minflt": server_faults,
             "fork_cpu": statistics.median(f[0] for f in forks),
             "fork_wall": statistics.median(f[1] for f in forks),
             "untouched_exit": statistics.median(f[2] for f in forks),
             "pte": forks[0][3] * 1024}  # fmt: skip
+
+
+def _minflt(pid: int) -> int:
+    return int(_stat(pid)[7])
+
+
+def wait_settled(pid: int, timeout: float = 120.0) -> None:
+    """Until the server's memory stops changing (its huge-page collapse, its standby)."""
+    last, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = (server_memory(pid).get("AnonHugePages"), tuple(_children(pid)))
+        if now == last:
+            return
+        last = now
+        time.sleep(1.0)
 
 
 def _own(pid: int) -> float:
@@ -251,19 +268,28 @@ def load_average() -> str:
 
 
 def measure(args, tmp: str) -> dict:
-    small, big = os.path.join(tmp, "small.bin"), os.path.join(tmp, "big.bin")
     warm = os.path.join(tmp, "warm.py")
     with open(warm, "w", encoding="utf-8") as f:
         f.write(WARMUP.format(n=1, count=max(1, args.mb // 25)))
-    cli("bundle", *MODULES, "--client", args.client, "-o", small)
-    cli("bundle", *MODULES, "--client", args.client, "--warmup", warm, "-o", big)
+    # name: (warm-up?, the server's environment): variants show what a setting is worth
+    servers = {"small": (False, {}), "big": (True, {})}
+    if args.variants:
+        servers.update({"small, no standby": (False, {"PY_PRELOAD_STANDBY": "0"}),
+                        "big, 4 KiB pages": (True, {"PY_PRELOAD_HUGEPAGES": "0"})})  # fmt: skip
+    bundles, pids = {}, {}
     note("starting the servers...")
-    for bundle in (small, big):
-        run_one([bundle, "-c", "pass"])
-        run_one([bundle, "-c", "pass"])
-    pids = {"small": server_pid(small), "big": server_pid(big)}
-    commands = {"floor": (FLOOR, None), "small": ([small, "-c", "pass"], pids["small"]),
-                "big": ([big, "-c", "pass"], pids["big"])}  # fmt: skip
+    for i, (name, (warmup, extra)) in enumerate(servers.items()):
+        bundles[name] = os.path.join(tmp, f"python-{i}.bin")
+        cli("bundle", *MODULES, "--client", args.client, *(["--warmup", warm] if warmup else []),
+            "-o", bundles[name])  # fmt: skip
+        env = {**os.environ, **extra}
+        run_one([bundles[name], "-c", "pass"], env=env)  # starts its server with ``extra``
+        run_one([bundles[name], "-c", "pass"])
+        pids[name] = server_pid(bundles[name])
+    for pid in pids.values():
+        wait_settled(pid)
+    commands = {"floor": (FLOOR, None)}
+    commands.update({name: ([bundles[name], "-c", "pass"], pids[name]) for name in servers})
     measure_idle_rate()
     res: dict = {"load_before": load_average(), "idle_busy": _IDLE_RATE[0],
                  "memory": {k: server_memory(p) for k, p in pids.items()}}  # fmt: skip
@@ -278,8 +304,7 @@ def measure(args, tmp: str) -> dict:
     res["one"] = {name: one_spaced(argv, args.spaced) for name, (argv, _) in commands.items()}
     res["burst"] = {name: burst(argv, 16, args.bursts) for name, (argv, _) in commands.items()}
     note("breakdown...")
-    res["parts"] = {name: breakdown(bundle, pids[name], args.probes)
-                    for name, bundle in (("small", small), ("big", big))}  # fmt: skip
+    res["parts"] = {name: breakdown(bundles[name], pids[name], args.probes) for name in servers}
     res["load_after"] = load_average()
     return res
 
@@ -292,34 +317,33 @@ def report(res: dict, args) -> bool:
           f"{args.client} client, {time.strftime('%Y-%m-%d %H:%M')}; load average "
           f"{res['load_before']} before, {res['load_after']} after; machine busy while idle "
           f"{res['idle_busy']:.2f} CPU-s/s")  # fmt: skip
-    for name in ("small", "big"):
-        m = mem[name]
+    for name, m in mem.items():
         print(f"  server {name}: RSS {mb(m.get('VmRSS', 0))}, anon {mb(m.get('RssAnon', 0))}, "
               f"anon huge pages {mb(m.get('AnonHugePages', 0))}, page tables "
               f"{m.get('VmPTE', 0) // 1024} KiB")  # fmt: skip
     print(f"\nback-to-back, medians of {args.rounds} batches of {args.runs} runs (ms per run)")
-    print(f"  {'':<24}{'wall':>9}{'CPU attrib.':>13}{'CPU machine':>13}{'client':>9}")
-    labels = {"floor": "python -S -E -c pass", "small": "warm, small server",
-              "big": f"warm, +{args.mb} MB server"}  # fmt: skip
+    print(f"  {'':<28}{'wall':>9}{'CPU attrib.':>13}{'CPU machine':>13}{'client':>9}")
+    label = lambda name: "python -S -E -c pass" if name == "floor" else f"warm, {name}"  # noqa: E731
     for name, row in b.items():
-        print(f"  {labels[name]:<24}{ms(row['wall']):>9}{ms(row['cpu']):>13}"
+        print(f"  {label(name):<28}{ms(row['wall']):>9}{ms(row['cpu']):>13}"
               f"{ms(row['machine']):>13}{ms(row['client']):>9}")  # fmt: skip
     print(f"\n16 concurrent (wall, ms; median of {args.bursts}) against one spaced run")
     for name in b:
         one, many = res["one"][name], res["burst"][name]
-        print(f"  {labels[name]:<24}{ms(many):>9} / {ms(one)} = {many / one:5.1f}x")
+        print(f"  {label(name):<28}{ms(many):>9} / {ms(one)} = {many / one:5.1f}x")
     print("\nbreakdown of one warm run (CPU ms; spaced runs)")
     rows = [("client (starter)", "client"), ("server loop + standby fork", "server"),
             ("child: fork to user code", "setup"), ("child: exit + teardown", "exit"),
             ("  fork of this memory (CPU)", "fork_cpu"),
             ("  untouched fork's exit", "untouched_exit")]  # fmt: skip
-    print(f"  {'':<30}{'small':>10}{'big':>10}")
-    for label, key in rows:
-        print(f"  {label:<30}{ms(parts['small'][key]):>10}{ms(parts['big'][key]):>10}")
-    print(f"  {'child minor faults to user code':<30}{parts['small']['minflt']:>10.0f}"
-          f"{parts['big']['minflt']:>10.0f}")  # fmt: skip
-    print(f"  {'page tables (VmPTE, KiB)':<30}{parts['small']['pte'] / 1024:>10.0f}"
-          f"{parts['big']['pte'] / 1024:>10.0f}")  # fmt: skip
+    print(f"  {'':<32}" + "".join(f"{name:>19}" for name in parts))
+    for text, key in rows:
+        print(f"  {text:<32}" + "".join(f"{ms(p[key]):>19}" for p in parts.values()))
+    counts = [("child minor faults to user code", "minflt", 1),
+              ("server minor faults per run", "server_minflt", 1),
+              ("page tables (VmPTE, KiB)", "pte", 1024)]  # fmt: skip
+    for text, key, unit in counts:
+        print(f"  {text:<32}" + "".join(f"{p[key] / unit:>19.0f}" for p in parts.values()))
     floor = b["floor"]
     checks = [
         ("CPU per warm run / floor (attributed)", b["small"]["cpu"] / floor["cpu"], TARGETS["cpu"]),
@@ -353,6 +377,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved batches (5)")
     parser.add_argument("--mb", type=int, default=700, help="MB the big server holds (700)")
     parser.add_argument("--client", choices=["native", "python"], default="native")
+    parser.add_argument("--variants", action="store_true",
+                        help="also servers without standby and without huge pages")  # fmt: skip
     args = parser.parse_args()
     quick = args.quick
     args.runs = args.runs or (20 if quick else 40)
