@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import time
 
 MADV_COLLAPSE = 25
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PRESENT = 1 << 63  # /proc/self/pagemap: the page is in memory
+# A unit is collapsed only when nearly all its pages are there: collapsing fills the holes, and
+# memory reserved but never touched (a calloc'd buffer, an arena's tail) must stay unallocated.
+MIN_PRESENT = 7 / 8
 STEP_SECONDS = 0.01  # a run arriving waits at most about this (plus one 2 MiB copy)
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/"
 
@@ -57,11 +63,16 @@ class Collapser:
         self.enabled = os.environ.get("PY_PRELOAD_HUGEPAGES", "").strip() != "0"
         self.size = _huge_page_size() if self.enabled and _kernel_collapses() else 0
         self.madvise = _madvise() if self.size else None
-        self.units: list = []  # start addresses, in the order collapsed
+        self.units: list | None = None  # start addresses still to do; None: not listed yet
         self.collapsed = 0
+
+    def replan(self) -> None:
+        """The server's memory changed (a learned import): list it again when next asked."""
+        self.units = None
 
     def plan(self) -> None:
         """List the server's anonymous memory as it is now (after imports, warm-up, learning)."""
+        self.units = []
         if self.madvise is None:
             return
         try:
@@ -72,23 +83,40 @@ class Collapser:
         self.collapsed = 0
 
     def pending(self) -> bool:
+        """Units left to collapse; listed at the first call (the server has preloaded then)."""
+        if self.units is None:
+            self.plan()
         return bool(self.units)
 
     def step(self) -> bool:
         """Collapse units for about STEP_SECONDS; True once the last one is done."""
-        if not self.units:
+        if not self.pending():
             return True
         deadline = time.monotonic() + STEP_SECONDS
-        while self.units and time.monotonic() < deadline:
-            start = self.units.pop()
-            # A unit that cannot be collapsed (no huge page free, a mapping that refuses it)
-            # stays as it is: only the cost of its runs changes.
-            if self.madvise(start, self.size, MADV_COLLAPSE) == 0:
-                self.collapsed += 1
+        try:
+            pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+        except OSError:  # without it, holes cannot be told from memory: collapse nothing
+            self.units = []
+            return True
+        with pagemap:
+            while self.units and time.monotonic() < deadline:
+                start = self.units.pop()
+                if not self._mostly_present(pagemap, start):
+                    continue
+                # A unit that cannot be collapsed (no huge page free, a mapping that refuses
+                # it) stays as it is: only the cost of its runs changes.
+                if self.madvise(start, self.size, MADV_COLLAPSE) == 0:
+                    self.collapsed += 1
         if self.units:
             return False
         self.log(f"huge pages: {self.collapsed} x {self.size >> 20} MiB of the server's memory")
         return True
+
+    def _mostly_present(self, pagemap, start: int) -> bool:
+        count = self.size // PAGE
+        pagemap.seek(start // PAGE * 8)
+        entries = struct.unpack(f"{count}Q", pagemap.read(count * 8))
+        return sum(1 for entry in entries if entry & PRESENT) >= count * MIN_PRESENT
 
 
 def _kernel_collapses() -> bool:

@@ -20,9 +20,10 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, hugepages, startup, tools
+from preloaded.server import budget, control, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
+from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
 from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
@@ -51,12 +52,17 @@ def log(message: str) -> None:
         os.write(2, line.encode("utf-8", "backslashreplace"))
     except OSError as exc:
         if not LOG_PROBLEMS:
-            LOG_PROBLEMS.append(f"cannot write the log: {exc.strerror}; the server keeps serving")
+            LOG_PROBLEMS.append(
+                f"cannot write the log: {exc.strerror}. Runs are not affected, but the log misses"
+                " why runs went cold; make room for it (`py-preload logs FILE` shows where),"
+                " then `py-preload stop FILE`"
+            )
 
 
 class Server:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
+        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
         self.paths = Paths(config["bundle"])
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
@@ -81,7 +87,6 @@ class Server:
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
         self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
-        self.hugepages = hugepages.Collapser(log)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -97,7 +102,6 @@ class Server:
         self.import_times, self.warnings = warm.import_times, warm.warnings
         self.warmup_time, self.learner, self.stamps = warm.warmup_time, warm.learner, warm.stamps
         self.child_setup = self.pool.setup = warm.child_setup
-        self.hugepages.plan()  # collapsed once serving, between runs
 
     def listen(self) -> None:
         tmp = f"{self.paths.socket}.{os.getpid()}"
@@ -137,6 +141,7 @@ class Server:
         for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -149,22 +154,16 @@ class Server:
             self.stops.check(self.children)
             self._check_socket()
             self._learn_step()
-            if self._between_runs() and not self._can_learn():  # learning changes the memory
-                self.hugepages.step()  # some of the server's memory into huge pages
             if not events and self._refill_in() == 0.0:
-                self.pool.refill()
+                self.pool.idle_turn()
             if not events and self.budget is not None:
                 self.budget.check_memory()
 
-    def _between_runs(self) -> bool:
-        """No run waits to be handed over (running ones may go on)."""
-        return not self.stopping and all(conn.pid is not None for conn in self.conns.values())
-
     def _can_learn(self) -> bool:
         """Learned modules are imported (probes forked) between runs, never while a run waits."""
-        if self.learner is None or not self.learner.needs_turn():
+        if self.stopping or self.learner is None or not self.learner.needs_turn():
             return False
-        return self._between_runs()
+        return all(conn.pid is not None for conn in self.conns.values())
 
     def _learn_step(self) -> None:
         """Import one learned module, or fork the probe that checks them first (one per loop
@@ -180,14 +179,14 @@ class Server:
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             learn.remember_modules(self.child_setup)
+            self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
-            self.hugepages.plan()  # the new imports' memory too
             if not self.learner.busy():
                 self.write_info()
 
     def _timeout(self) -> float:
-        if self._can_learn() or self.hugepages.pending() and self._between_runs():
-            return 0.0  # more to learn or collapse: look at the sockets, then do the next step
+        if self._can_learn():
+            return 0.0  # more to learn: look at the sockets, then import the next one
         now = time.monotonic()
         limits = [1.0, self.stops.due_in(self.children, now)]
         limits += [deadline - now for deadline in self.learner.deadlines()]
@@ -317,7 +316,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
+        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log) \
+                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
 
@@ -359,9 +359,8 @@ class Server:
 
     def _refill_in(self, now: float | None = None) -> float | None:
         """Seconds until the next standby should be forked (0: now); None if none is wanted.
-        Not while learning: each learned import discards it; nor before the server's memory is
-        in huge pages: a standby forked before would pay the small pages' fork and exit."""
-        if self.stopping or self._can_learn() or self.hugepages.pending():
+        Not while learning: each learned import discards it."""
+        if self.stopping or self._can_learn():
             return None
         return self.pool.refill_in(bool(self.children), time.monotonic() if now is None else now)
 
@@ -373,6 +372,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
@@ -503,7 +503,10 @@ def _open_log(path: str) -> None:
         if os.fstat(fd).st_size > 4 << 20:
             os.ftruncate(fd, 0)
     except OSError as exc:
-        LOG_PROBLEMS.append(f"cannot open the log {path}: {exc.strerror}; logging to nowhere")
+        LOG_PROBLEMS.append(
+            f"cannot open the log {path}: {exc.strerror}. Runs are not affected, but nothing is"
+            " logged; make that path writable, then `py-preload stop FILE`"
+        )
         fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -520,10 +523,12 @@ def _write_failure(paths: Paths, message: str) -> None:
         pass
 
 
-def main() -> None:
+def main(startup: frozenset | None = None) -> None:
+    """``startup``: the modules the interpreter had before the boot imported anything (see
+    spawn.server_argv): what python imports before ``sys.path[0]`` is set."""
     config = json.loads(sys.argv[1])
     os.chdir("/")
-    server = Server(config)
+    server = Server(config, startup)
     _open_log(server.paths.log)
     if not server.acquire_lock():
         sys.exit(ALREADY_RUNNING)

@@ -16,7 +16,7 @@ import socket
 import time
 
 from preloaded import wire
-from preloaded.server import child
+from preloaded.server import child, hugepages
 from preloaded.server.peer import Cold
 from preloaded.server.preload import HANDLED
 
@@ -63,6 +63,9 @@ class StandbyPool:
         self.last_hand_over = 0.0
         self.last_exit = 0.0
         self.imports_seen = None  # sizes of the import state when caches were last invalidated
+        # The server's memory into huge pages before the first standby is forked (a standby
+        # forked before pays the small pages' fork and exit), and again after a learned import.
+        self.hugepages = hugepages.Collapser(log)
 
     def hand_over(self, request: dict, fds: list, context: dict | None = None) -> Standby:
         """Send the request and the caller's fds to a standby; return it. A standby that died
@@ -135,6 +138,14 @@ class StandbyPool:
             importlib.invalidate_caches()
             self.imports_seen = (len(sys.modules), len(sys.path_importer_cache))
 
+    def idle_turn(self) -> None:
+        """The loop is idle and ``refill_in`` said now: until the server's memory is in huge
+        pages, collapse some of it (see hugepages.py); then fork the next standby."""
+        if self.hugepages.pending():
+            self.hugepages.step()
+        else:
+            self.refill()
+
     def refill(self) -> None:
         """Fork the next standby now: the loop is idle, so that forking delays no run (the run
         just handed over, nor a run arriving). Whether one is wanted, and when, is
@@ -151,6 +162,8 @@ class StandbyPool:
         On a small machine the fork competes with the runs and clients around it: not while a
         run just handed over is still going (for REFILL_AFTER at most), and REFILL_AFTER_EXIT
         after the last run ended."""
+        if self.hugepages.pending():
+            return 0.0
         if len(self.parked) >= self.size or self.failed:
             return None
         if not running:
@@ -163,6 +176,7 @@ class StandbyPool:
         forked at the loop's next idle moment (or on demand by the next run)."""
         parked, self.parked = self.parked, []
         self.imports_seen = None  # a learned import, even a failed one, may have listed dirs
+        self.hugepages.replan()  # and added memory
         for standby in parked:
             self.discard(standby)
         self.failed = False
