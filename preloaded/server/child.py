@@ -19,7 +19,7 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import become, fastexit, learn, preload, proctitle, stdio
+from preloaded.server import become, envdeps, fastexit, learn, preload, proctitle, stdio
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 GO = {"go": True}  # the server's last frame to a standby: the run may start
@@ -143,6 +143,7 @@ def _reset_process(sigmask=None) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
     if sigmask is not None:  # a signal sent since the fork acts now, as on a process starting
         signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, preload.HANDLED)  # the server keeps them blocked
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()  # own session and process group: signals can reach the whole job
 
@@ -151,6 +152,7 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     env = request["env"]
     os.environ.clear()
     os.environ.update(env)
+    envdeps.follow_tz(env)
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     sys.argv = list(request["argv"])
