@@ -27,6 +27,8 @@
 #endif
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -623,7 +625,29 @@ static int send_request(int sock, const struct out *o) {
     return errno == EPIPE || errno == ECONNRESET ? 0 : -1;
 }
 
+/* A run its server left (connection.py Link): followed by a pidfd taken at "started". */
+static struct {
+    long long pid;
+    int pidfd; /* -1: none (no keeper, or no pidfd_open): the run is lost with its server */
+    int lost;  /* the server is gone: signals go to the program itself */
+    char exit_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
+} run = {0, -1, 0, ""};
+
+static void signal_run(int signum) { /* connection.py Link._signal_run */
+    if (signum == SIGINT || signum == SIGQUIT || signum == SIGSTOP || signum == SIGCONT ||
+        signum == SIGTSTP)
+        killpg((pid_t)run.pid, signum); /* the run leads its own process group */
+#ifdef SYS_pidfd_send_signal
+    else
+        syscall(SYS_pidfd_send_signal, run.pidfd, signum, NULL, 0);
+#endif
+}
+
 static void send_signal(int sock, int signum) {
+    if (run.lost) {
+        signal_run(signum);
+        return;
+    }
     char body[64];
     int n = snprintf(body + 4, sizeof body - 4, "{\"signal\":%d}", signum);
     body[0] = body[1] = body[2] = 0;
@@ -640,8 +664,8 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, cold;
-    long long exit, signal;
+    int started, has_exit, has_signal, has_error, cold, has_keeper;
+    long long exit, signal, pid, keeper;
     char error[1024];
 };
 
@@ -859,24 +883,31 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                            : strcmp(key, "signal") == 0 ? &r->has_signal
                            : strcmp(key, "error") == 0  ? &r->has_error
                            : strcmp(key, "cold") == 0   ? &r->cold
+                           : strcmp(key, "keeper") == 0 ? &r->has_keeper
                                                         : NULL;
             if (present)
                 *present = 1;
             if (present == &r->has_error && s.p < s.end && *s.p == '"') {
                 if (scan_string(&s, r->error, sizeof r->error) < 0)
                     return -1;
-            } else if ((present == &r->has_exit || present == &r->has_signal) && s.p < s.end &&
-                       (*s.p == '-' || (*s.p >= '0' && *s.p <= '9'))) {
+            } else if (present && present != &r->has_error && present != &r->cold &&
+                       s.p < s.end && (*s.p == '-' || (*s.p >= '0' && *s.p <= '9'))) {
                 int integer;
-                if (scan_number(&s, present == &r->has_exit ? &r->exit : &r->signal,
-                                &integer) < 0)
+                long long *number = present == &r->has_exit     ? &r->exit
+                                    : present == &r->has_signal ? &r->signal
+                                    : present == &r->started    ? &r->pid
+                                                                : &r->keeper;
+                if (scan_number(&s, number, &integer) < 0)
                     return -1;
-                if (!integer)
-                    *present = 2; /* not an int: a bad reply */
+                if (!integer && present != &r->started)
+                    *present = 2; /* not an int: a bad reply (or no keeper to follow) */
+                if (!integer && present == &r->started)
+                    r->pid = 0;
             } else {
                 if (skip_value(&s, 0) < 0)
                     return -1;
-                if (present == &r->has_exit || present == &r->has_signal)
+                if (present == &r->has_exit || present == &r->has_signal ||
+                    present == &r->has_keeper)
                     *present = 2;
                 if (present == &r->has_error)
                     snprintf(r->error, sizeof r->error, "%.*s", (int)(s.p - value), value);
@@ -1053,6 +1084,74 @@ static void act_on_frames(void) {
         fail("bad reply from the server: ", why);
 }
 
+/* "started": take the program's pidfd now, before its pid could be reused, in case the server
+ * dies during the run (connection.py Link). */
+static void take_pidfd(const struct reply *first, const char *sock_path) {
+#ifdef SYS_pidfd_open
+    size_t len = strlen(sock_path);
+    if (first->has_keeper != 1 || first->pid <= 0 || first->pid > INT32_MAX || len < 5)
+        return;
+    run.pid = first->pid;
+    run.pidfd = (int)syscall(SYS_pidfd_open, (pid_t)run.pid, 0);
+    snprintf(run.exit_path, sizeof run.exit_path, "%.*s.exit.%lld.%lld", (int)(len - 5), sock_path,
+             first->keeper, run.pid); /* paths.exit_file: the socket path without ".sock" */
+#else
+    (void)first;
+    (void)sock_path;
+#endif
+}
+
+/* The program ended after its server: its status as its keeper published it. */
+static void exit_like_published(void) {
+    struct timespec pause = {0, 2000000};
+    for (int tries = 0; tries < 1000; tries++) { /* connection.py EXIT_FILE_WAIT: 2 s */
+        char text[32];
+        int fd = open(run.exit_path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
+        if (fd >= 0)
+            close(fd);
+        if (n > 0) {
+            char *end;
+            text[n] = 0;
+            long long code = strtoll(text, &end, 10);
+            if (end != text && *end == 0) {
+                unlink(run.exit_path);
+                if (code < 0)
+                    exit_like_signal(-code);
+                _exit((int)(code & 0xFF));
+            }
+        }
+        nanosleep(&pause, NULL);
+    }
+    fail("lost the server during the run", "");
+}
+
+/* The server is gone, the program goes on: forward signals to it until it ends. */
+static void follow_run(int sock) {
+    run.lost = 1;
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = run.pidfd, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("lost the server during the run", "");
+        }
+        if (fds[1].revents) {
+            unsigned char signums[64];
+            ssize_t n = read(wake_pipe[0], signums, sizeof signums);
+            for (ssize_t k = 0; k < n; k++) {
+                if (signums[k] == SIGTSTP && !tstp_ignored)
+                    suspend(sock);
+                else
+                    signal_run(signums[k]);
+            }
+        }
+        if (fds[0].revents)
+            exit_like_published();
+    }
+}
+
 /* After "started": forward signals until the child's status arrives, then mirror it. */
 static void wait_for_status(int sock) {
     for (;;) {
@@ -1076,6 +1175,8 @@ static void wait_for_status(int sock) {
         }
         if (fds[0].revents && fill(sock) <= 0) {
             act_on_frames();
+            if (run.pidfd >= 0)
+                follow_run(sock);
             fail("lost the server during the run", "");
         }
     }
@@ -1182,6 +1283,7 @@ int main(int argc, char **argv) {
     while (rc == 0 && (rc = next_frame(&first, why, sizeof why)) == 0)
         rc = fill(sock) > 0 ? 0 : -1;
     if (rc == 1 && first.started) {
+        take_pidfd(&first, sock_path);
         hide_arguments(argc, argv);
         wait_for_status(sock);
         return 1; /* not reached */

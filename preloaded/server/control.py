@@ -1,5 +1,5 @@
 """Control commands on a server's socket, answered by its loop between runs: ``status``,
-``stop`` and ``forget`` (the CLI), ``usage`` and ``evict`` (the memory budget: other servers
+``stop`` (graceful: running programs finish first; ``"now"``: they end) and ``forget`` (the CLI), ``usage`` and ``evict`` (the memory budget: other servers
 and ``py-preload list``, see ``preloaded.server.budget``). Apart from the loop's class so that
 it stays one job (the run's path) and under its size limit."""
 
@@ -14,10 +14,11 @@ def handle(server, conn, frame: dict) -> None:
     cmd = frame.get("cmd")
     if cmd == "status":
         conn.reply(server.status())
-    elif cmd == "stop":
-        conn.reply({"stopping": os.getpid()})
+    elif cmd == "stop":  # running programs finish, then the server exits; "now": they end
+        now = frame.get("now") is True
+        conn.reply({"stopping": os.getpid(), "runs": 0 if now else len(server.children)})
         server._close(conn)
-        server.begin_stop(kill_children=True)
+        server.begin_stop(kill_children=now)
     elif cmd in ("usage", "evict") and server.budget is not None:
         server.budget.handle(conn, frame)
     elif cmd == "forget":  # running children finish; the next run starts a fresh server

@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, startup, tools
+from preloaded.server import budget, control, keeper, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.context import Gate
@@ -81,6 +81,7 @@ class Server:
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
         self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
+        self.keeper = os.getppid() if keeper.TABLE is not None else None  # see keeper.py
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -342,11 +343,19 @@ class Server:
         self.last_used = time.time()
         conn.pid = standby.pid
         self.children[standby.pid] = conn
-        if conn.reply({"started": standby.pid}):
+        if keeper.TABLE is not None:  # if we die, the keeper reaps it and publishes its status
+            keeper.TABLE.add(standby.pid)
+        if conn.reply(self.started_frame(standby.pid)):
             standby.go()
         else:  # its client may run the command cold: this one must not run it (reaped by _reap)
             kill(standby.pid, signal.SIGKILL, group=False)
             standby.channel.close()
+
+    def started_frame(self, pid: int) -> dict:
+        """"started", and the keeper whose exit file the client reads if we die (keeper.py)."""
+        if self.keeper is None:
+            return {"started": pid}
+        return {"started": pid, "keeper": self.keeper}
 
     def _refill_in(self, now: float | None = None) -> float | None:
         """Seconds until the next standby should be forked (0: now); None if none is wanted.
@@ -379,6 +388,8 @@ class Server:
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
                 continue
+            if keeper.TABLE is not None:
+                keeper.TABLE.remove(pid)
             if self.learner is not None:  # every reaped run, whatever its connection became
                 self.learner.collect(pid)
             code = os.waitstatus_to_exitcode(status)

@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+from preloaded.server import keeper
+
 # The server's own handlers. They stay blocked across fork: a signal reaching a child before it
 # reset them would go through the server's wakeup pipe (shared after fork) and stop the server
 # (seen when a client hangs up right after its request: its child gets SIGHUP at once). A
@@ -31,12 +33,21 @@ def leave_server(server_fds: list) -> None:
     forks behind, reparented to init and out of reach of their clients."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    keeper.leave()
     signal.set_wakeup_fd(-1)
     for fd in server_fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+def outlive_server() -> None:
+    """In a standby, once parked: the run it will be must outlive a server that dies (the
+    keeper reaps it then, see keeper.py). Parked, it still ends with the server: its channel
+    closes, and a standby leaves at that EOF."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
 
 
 class ForkUnsafe(Exception):
