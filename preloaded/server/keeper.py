@@ -80,22 +80,28 @@ def leave() -> None:
 
 
 def main() -> None:
-    """The boot of a server process (see client/spawn.py): become the keeper, fork the server."""
+    """The boot of a server process (see client/spawn.py): become the keeper, fork the server.
+    Where that cannot be (not Linux; fork refused: RLIMIT_NPROC, a pids cgroup), this process
+    is the server itself, as before: its runs then end with it."""
     global TABLE
     import json
 
     config = json.loads(sys.argv[1])
     socket_path = Paths(config["bundle"]).socket
-    subreaper = _set_subreaper()
-    TABLE = RunTable() if subreaper else None
-    server = os.fork()
+    server = 0
+    if _subreaper(True):
+        TABLE = RunTable()
+        try:
+            server = os.fork()
+        except OSError:
+            TABLE.close()
+            TABLE = None
+            _subreaper(False)
     if server == 0:
         from preloaded.server import loop
 
         loop.main()  # never returns
         os._exit(70)
-    if not subreaper:  # not Linux: the server alone, as before (its runs die with it)
-        os._exit(_wait_server(server))
     os.chdir("/")
     _remove_stale(socket_path)
     os._exit(keep(server, socket_path))
@@ -120,11 +126,6 @@ def keep(server: int, socket_path: str) -> int:
     return code if code >= 0 else 128 - code
 
 
-def _wait_server(server: int) -> int:
-    code = os.waitstatus_to_exitcode(os.waitpid(server, 0)[1])
-    return code if code >= 0 else 128 - code
-
-
 def _publish(path: str, status: int) -> None:
     """The run's exit code as ``os.waitstatus_to_exitcode`` gives it (negative: a signal)."""
     tmp = path + ".tmp"
@@ -145,14 +146,14 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
-def _set_subreaper() -> bool:
+def _subreaper(on: bool) -> bool:
     try:
         import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return False
-    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
 def _remove_stale(socket_path: str) -> None:
