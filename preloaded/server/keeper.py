@@ -25,6 +25,8 @@ import time
 from preloaded.paths import Paths, exit_file
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_SET_NAME = 15
+NAME = b"py-preload-keep"  # its comm (15 bytes at most)
 SLOTS = 1 << 16  # programs running at once that the keeper can take over (256 KiB, touched lazily)
 _SLOT = struct.Struct("=i")
 STALE_AFTER = 3600.0  # an exit file nobody read (its client died too) is removed this much later
@@ -103,6 +105,7 @@ def main() -> None:
         loop.main()  # never returns
         os._exit(70)
     os.chdir("/")
+    _prctl(PR_SET_NAME, NAME, 0, 0, 0)  # ps -o comm, top: the keeper apart from its server
     _remove_stale(socket_path)
     os._exit(keep(server, socket_path))
 
@@ -146,14 +149,17 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
-def _subreaper(on: bool) -> bool:
+def _prctl(*args) -> bool:
     try:
         import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl(*args) == 0
+    except (OSError, AttributeError):  # not Linux
         return False
-    return prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+def _subreaper(on: bool) -> bool:
+    return _prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
 def _remove_stale(socket_path: str) -> None:
