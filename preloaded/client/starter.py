@@ -182,6 +182,10 @@ def main(config: dict) -> None:
         os.environ["PYTHONPATH"] = with_overlay(os.environ.get("PYTHONPATH", ""), overlay)
     if cmd.cold or env_cold_reason(os.environ):
         exec_cold(python, args, config)
+    if not sys.platform.startswith("linux"):
+        # A starter is a drop-in python: where the server cannot work, python still can.
+        warn(f"the server needs Linux, not {sys.platform}; running without it")
+        exec_cold(python, args, config)
     from preloaded.client import run
     from preloaded.client.connection import Fallback
 

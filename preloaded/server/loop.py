@@ -51,7 +51,11 @@ def log(message: str) -> None:
         os.write(2, line.encode("utf-8", "backslashreplace"))
     except OSError as exc:
         if not LOG_PROBLEMS:
-            LOG_PROBLEMS.append(f"cannot write the log: {exc.strerror}; the server keeps serving")
+            LOG_PROBLEMS.append(
+                f"cannot write the log: {exc.strerror}. Runs are not affected, but the log misses"
+                " why runs went cold; make room for it (`py-preload logs FILE` shows where),"
+                " then `py-preload stop FILE`"
+            )
 
 
 class Server:
@@ -504,7 +508,10 @@ def _open_log(path: str) -> None:
         if os.fstat(fd).st_size > 4 << 20:
             os.ftruncate(fd, 0)
     except OSError as exc:
-        LOG_PROBLEMS.append(f"cannot open the log {path}: {exc.strerror}; logging to nowhere")
+        LOG_PROBLEMS.append(
+            f"cannot open the log {path}: {exc.strerror}. Runs are not affected, but nothing is"
+            " logged; make that path writable, then `py-preload stop FILE`"
+        )
         fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

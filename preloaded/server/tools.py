@@ -87,7 +87,7 @@ def _pytest_reason(request: dict) -> str | None:
 def _named_plugins(request: dict) -> list:
     """Plugins named by ``-p NAME`` and ``PYTEST_PLUGINS``: pytest marks each for rewriting
     (and warns if it is already imported) before importing it. (Those a conftest.py names in
-    ``pytest_plugins`` cannot be known before the run: see README, Known differences.)"""
+    ``pytest_plugins`` cannot be known before the run: see docs/differences.md.)"""
     argv, names = request["argv"], []
     for i, arg in enumerate(argv):
         if arg == "-p" and i + 1 < len(argv):
