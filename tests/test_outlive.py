@@ -170,3 +170,26 @@ def test_idle_timeout_waits_for_a_long_run(tmp_path):
     assert (first.returncode, first.stderr) == (0, "")
     server = int(first.stdout)
     wait_until(lambda: gone(server), 10, "the idle server to exit")
+
+
+def test_server_sigterm_leaves_runs_to_the_keeper(tmp_path):
+    """Guards against a SIGTERM to the server ending its running programs (it SIGHUPed them):
+    the server exits at once, the program goes on, and a signal it then sends its parent (the
+    keeper now) ends neither the keeper nor the status it keeps for the caller."""
+    bundle = make_bundle(tmp_path / "python-term.bin", "json")
+    go = str(tmp_path / "go")
+    code = WAIT + ("import signal\nfor s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP):\n"
+                   "    os.kill(os.getppid(), s)\nprint('finished'); sys.exit(4)\n")  # fmt: skip
+    proc = subprocess.Popen([bundle, "-c", code, go], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pid = int(proc.stdout.readline().split()[1])
+    server = psutil.Process(pid).ppid()
+    keeper = psutil.Process(server).ppid()
+    os.kill(server, signal.SIGTERM)
+    wait_until(lambda: gone(server), 10, "the server to exit on SIGTERM")
+    assert not gone(pid) and proc.poll() is None
+    open(go, "w").close()
+    out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    assert (proc.returncode, out, err) == (4, "go\nfinished\n", "")
+    wait_until(lambda: gone(keeper), 10, "the keeper to exit after the run")
+    assert exit_files(bundle) == []

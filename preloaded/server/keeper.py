@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import struct
 import sys
 import time
@@ -27,6 +28,10 @@ from preloaded.paths import Paths, exit_file
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 PR_SET_NAME = 15
 NAME = b"py-preload-keep"  # its comm (15 bytes at most)
+# Once the server is gone, a run's os.getppid() is the keeper: a signal the run sends its
+# parent must not end the keeper, and with it the status of every run it keeps (SIGKILL does).
+LEFT_ALONE = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+              signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE)  # fmt: skip
 SLOTS = 1 << 16  # programs running at once that the keeper can take over (256 KiB, touched lazily)
 _SLOT = struct.Struct("=i")
 STALE_AFTER = 3600.0  # an exit file nobody read (its client died too) is removed this much later
@@ -106,6 +111,8 @@ def main() -> None:
         os._exit(70)
     os.chdir("/")
     _prctl(PR_SET_NAME, NAME, 0, 0, 0)  # ps -o comm, top: the keeper apart from its server
+    for signum in LEFT_ALONE:  # after the fork: the server's own dispositions stay the caller's
+        signal.signal(signum, signal.SIG_IGN)
     _remove_stale(socket_path)
     os._exit(keep(server, socket_path))
 

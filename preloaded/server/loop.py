@@ -237,8 +237,22 @@ class Server:
             if signum == signal.SIGCHLD:
                 self._reap()
             elif not self.stopping:
-                log(f"got signal {signum}: stopping")
-                self.begin_stop(kill_children=True)
+                self._terminated(signum)
+
+    def _terminated(self, signum: int) -> None:
+        """SIGTERM, SIGINT or SIGHUP from outside: stop now. Running programs go on, left to
+        the keeper as a SIGKILL would leave them (keeper.py); without one, they end with us."""
+        if self.keeper is None:
+            log(f"got signal {signum}: stopping, ending the runs")
+            self.begin_stop(kill_children=True)
+            return
+        log(f"got signal {signum}: stopping; the keeper {self.keeper} takes over "
+            f"{len(self.children)} running program(s)")  # fmt: skip
+        self.begin_stop()
+        for conn in self.children.values():
+            if conn.kill_at is not None:  # its client is gone: SIGHUPed, its grace ends now
+                kill(conn.pid, signal.SIGKILL, group=True)
+        self.children.clear()  # the loop ends: our exit closes their connections
 
     def _handle_accept(self, _fileobj) -> None:
         while True:

@@ -47,7 +47,7 @@ def outlive_server() -> None:
     """In a standby, before it parks: the run it will be must outlive a server that dies (the
     keeper reaps it then, see keeper.py). Parked, it still ends with the server: its channel
     closes, and a standby leaves at that EOF (before the "go", never running the command)."""
-    if _prctl is not None:
+    if _prctl is not None and keeper.TABLE is not None:  # else no one would report its end
         _prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
 
 
