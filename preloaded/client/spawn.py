@@ -36,7 +36,8 @@ def server_argv(config: dict, bundle: str) -> list:
 
     boot = (
         "import sys; sys.path.append(sys.argv.pop(1)); "
-        "from preloaded.server.keeper import main; main()"
+        "from preloaded.server.keeper import split; split(); "
+        "from preloaded.server.loop import main; main()"
     )
     payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})
     return [config["python"], "-c", boot, config["pkg_root"], payload]

@@ -6,6 +6,9 @@ it stays one job (the run's path) and under its size limit."""
 from __future__ import annotations
 
 import os
+import signal
+
+from preloaded.server.standby import kill
 
 
 def handle(server, conn, frame: dict) -> None:
@@ -30,3 +33,19 @@ def handle(server, conn, frame: dict) -> None:
     else:
         conn.reply({"error": f"unknown command {cmd!r}"})
     server._close(conn)
+
+
+def terminated(server, signum: int, log) -> None:
+    """SIGTERM, SIGINT or SIGHUP from outside: stop now. Running programs go on, left to the
+    keeper as a SIGKILL would leave them (keeper.py); without one, they end with the server."""
+    if not server.keeper:
+        log(f"got signal {signum}: stopping, ending the runs")
+        server.begin_stop(kill_children=True)
+        return
+    log(f"got signal {signum}: stopping; the keeper {server.keeper['keeper']} takes over "
+        f"{len(server.children)} running program(s)")  # fmt: skip
+    server.begin_stop()
+    for conn in server.children.values():
+        if conn.kill_at is not None:  # its client is gone: SIGHUPed, its grace ends now
+            kill(conn.pid, signal.SIGKILL, group=True)
+    server.children.clear()  # the loop ends: the server's exit closes their connections

@@ -80,35 +80,49 @@ class RunTable:
 TABLE: RunTable | None = None  # made by the keeper before it forks the server
 
 
+def running(pid: int) -> None:
+    """The server handed a run to ``pid``: the keeper takes it over if the server dies."""
+    if TABLE is not None:
+        TABLE.add(pid)
+
+
+def ended(pid: int) -> None:
+    if TABLE is not None:
+        TABLE.remove(pid)
+
+
+def started_field() -> dict:
+    """What the server adds to "started": the keeper, whose exit file the client reads."""
+    return {"keeper": os.getppid()} if TABLE is not None else {}
+
+
 def leave() -> None:
     """First thing in every fork of the server (see preload.leave_server)."""
     if TABLE is not None:
         TABLE.close()
 
 
-def main() -> None:
-    """The boot of a server process (see client/spawn.py): become the keeper, fork the server.
-    Where that cannot be (not Linux; fork refused: RLIMIT_NPROC, a pids cgroup), this process
-    is the server itself, as before: its runs then end with it."""
+def split() -> None:
+    """First thing in a server process (see client/spawn.py): fork; the parent becomes the
+    keeper and never returns, the child returns and is the server. Where that cannot be (not
+    Linux; fork refused: RLIMIT_NPROC, a pids cgroup), this process is the server alone, as
+    before: its runs then end with it."""
     global TABLE
+    if not _subreaper(True):
+        return
+    TABLE = RunTable()
+    try:
+        server = os.fork()
+    except OSError:
+        TABLE.close()
+        TABLE = None
+        _subreaper(False)
+        return
+    if server == 0:
+        return
     import json
 
-    config = json.loads(sys.argv[1])
-    socket_path = Paths(config["bundle"]).socket
-    server = 0
-    if _subreaper(True):
-        TABLE = RunTable()
-        try:
-            server = os.fork()
-        except OSError:
-            TABLE.close()
-            TABLE = None
-            _subreaper(False)
-    if server == 0:
-        from preloaded.server import loop
-
-        loop.main()  # never returns
-        os._exit(70)
+    socket_path = Paths(json.loads(sys.argv[1])["bundle"]).socket
     os.chdir("/")
     _prctl(PR_SET_NAME, NAME, 0, 0, 0)  # ps -o comm, top: the keeper apart from its server
     for signum in LEFT_ALONE:  # after the fork: the server's own dispositions stay the caller's

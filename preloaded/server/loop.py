@@ -85,7 +85,7 @@ class Server:
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
         self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
-        self.keeper = os.getppid() if keeper.TABLE is not None else None  # see keeper.py
+        self.keeper = keeper.started_field()  # whose exit file a client reads if we die
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -237,22 +237,7 @@ class Server:
             if signum == signal.SIGCHLD:
                 self._reap()
             elif not self.stopping:
-                self._terminated(signum)
-
-    def _terminated(self, signum: int) -> None:
-        """SIGTERM, SIGINT or SIGHUP from outside: stop now. Running programs go on, left to
-        the keeper as a SIGKILL would leave them (keeper.py); without one, they end with us."""
-        if self.keeper is None:
-            log(f"got signal {signum}: stopping, ending the runs")
-            self.begin_stop(kill_children=True)
-            return
-        log(f"got signal {signum}: stopping; the keeper {self.keeper} takes over "
-            f"{len(self.children)} running program(s)")  # fmt: skip
-        self.begin_stop()
-        for conn in self.children.values():
-            if conn.kill_at is not None:  # its client is gone: SIGHUPed, its grace ends now
-                kill(conn.pid, signal.SIGKILL, group=True)
-        self.children.clear()  # the loop ends: our exit closes their connections
+                control.terminated(self, signum, log)
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -361,19 +346,12 @@ class Server:
         self.last_used = time.time()
         conn.pid = standby.pid
         self.children[standby.pid] = conn
-        if keeper.TABLE is not None:  # if we die, the keeper reaps it and publishes its status
-            keeper.TABLE.add(standby.pid)
-        if conn.reply(self.started_frame(standby.pid)):
+        keeper.running(standby.pid)  # if we die, the keeper reaps it and publishes its status
+        if conn.reply({"started": standby.pid, **self.keeper}):
             standby.go()
         else:  # its client may run the command cold: this one must not run it (reaped by _reap)
             kill(standby.pid, signal.SIGKILL, group=False)
             standby.channel.close()
-
-    def started_frame(self, pid: int) -> dict:
-        """"started", and the keeper whose exit file the client reads if we die (keeper.py)."""
-        if self.keeper is None:
-            return {"started": pid}
-        return {"started": pid, "keeper": self.keeper}
 
     def _refill_in(self, now: float | None = None) -> float | None:
         """Seconds until the next standby should be forked (0: now); None if none is wanted.
@@ -406,8 +384,7 @@ class Server:
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
                 continue
-            if keeper.TABLE is not None:
-                keeper.TABLE.remove(pid)
+            keeper.ended(pid)
             if self.learner is not None:  # every reaped run, whatever its connection became
                 self.learner.collect(pid)
             code = os.waitstatus_to_exitcode(status)
