@@ -23,6 +23,7 @@ from preloaded.paths import Paths
 from preloaded.server import budget, control, keeper, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
+from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
 from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
@@ -59,8 +60,9 @@ def log(message: str) -> None:
 
 
 class Server:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
+        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
         self.paths = Paths(config["bundle"])
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
@@ -140,6 +142,7 @@ class Server:
         for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -177,6 +180,7 @@ class Server:
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
+            self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             if not self.learner.busy():
                 self.write_info()
@@ -312,7 +316,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log):
+        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log) \
+                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
 
@@ -368,6 +373,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
@@ -519,10 +525,12 @@ def _write_failure(paths: Paths, message: str) -> None:
         pass
 
 
-def main() -> None:
+def main(startup: frozenset | None = None) -> None:
+    """``startup``: the modules the interpreter had before the boot imported anything (see
+    spawn.server_argv): what python imports before ``sys.path[0]`` is set."""
     config = json.loads(sys.argv[1])
     os.chdir("/")
-    server = Server(config)
+    server = Server(config, startup)
     _open_log(server.paths.log)
     if not server.acquire_lock():
         sys.exit(ALREADY_RUNNING)

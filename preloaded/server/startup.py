@@ -77,7 +77,7 @@ def warm_up(config: dict, paths, log) -> Warm:
     site = (overlay,) if overlay else ()  # removed or replaced: the server retires
     files = (script,) if script else ()  # an edited warm-up makes the server stale
     own = (config["pkg_root"],)
-    warm.stamps = Stamps.collect(config["bundle"], sys.executable, site, files, own)
+    warm.stamps = Stamps.collect(config["bundle"], sys.executable, site, files, own, log)
     preload.settle()
     warm.warnings = preload.thread_warnings(suspects, baseline)
     for warning in warm.warnings:
