@@ -57,10 +57,12 @@ def main() -> None:
     n = args.n
     print(f"held top-level modules: {len(shadows.held(known).late)}; "
           f"watched: {len(new.watched)} files in {len(new.watcher.names)} directories")
-    print(f"shadowing, script + PYTHONPATH: {per_call_us(lambda: shadows.reason(script, known), n):6.1f} us")
-    print(f"shadowing, -c:                  {per_call_us(lambda: shadows.reason(code, known), n):6.1f} us")
-    print(f"staleness, stats + inotify:     {per_call_us(new.changed, n):6.1f} us ({len(new.stamps)} stats)")
-    print(f"staleness before (stats only):  {per_call_us(old.changed, n):6.1f} us ({len(old.stamps)} stats)")
+    rows = [("shadowing, script + PYTHONPATH", lambda: shadows.reason(script, known), ""),
+            ("shadowing, -c", lambda: shadows.reason(code, known), ""),
+            ("staleness, stats + inotify", new.changed, f" ({len(new.stamps)} stats)"),
+            ("staleness before (stats only)", old.changed, f" ({len(old.stamps)} stats)")]
+    for label, func, note in rows:
+        print(f"{label + ':':32} {per_call_us(func, n):6.1f} us{note}")
     new.watcher.close()
 
 

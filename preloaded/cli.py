@@ -383,8 +383,31 @@ def _format_status(st: dict) -> str:
                          else "no"),
     ]
     lines += _format_learning(st)
+    lines += _format_env(st.get("env"))
     lines += [_wrapped("warning:   ", w) for w in st["warnings"]]
     return "\n".join(lines)
+
+
+def _format_env(env: dict | None) -> list:
+    """The variables the imports read: those set with their values, the unset ones by prefix
+    (a run whose values differ runs cold)."""
+    if not env:
+        return []
+    read = env["read"]
+    unset = sorted(name for name, value in read.items() if value is None)
+    groups: dict = {}
+    for name in unset:
+        groups.setdefault(name.split("_")[0], []).append(name)
+    shown = [names[0] if len(names) == 1 else f"{prefix}_* ({len(names)})"
+             for prefix, names in groups.items()]  # fmt: skip
+    lines = [f"env:       depends on {len(read)} variable(s) read at import"
+             " (a run with other values runs cold)"]  # fmt: skip
+    lines += [f"  {name}={value}" for name, value in sorted(read.items()) if value is not None]
+    if unset:
+        lines.append(_wrapped("  unset: ", ", ".join(shown)))
+    lines += [f"  every {prefix}* variable (listed at import)" for prefix in env["prefixes"]]
+    lines += [f"  every variable: {where} lists the whole environment" for where in env["whole"]]
+    return lines
 
 
 def _wrapped(label: str, text: str) -> str:

@@ -37,3 +37,30 @@ def test_readme_is_short_and_its_links_exist():
     assert "docs/index.md" in local
     missing = [t for t in local if not os.path.exists(os.path.join(REPO, t))]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_charts_are_drawn_from_the_benchmarks_json(tmp_path):
+    """benchmarks/charts.py draws every chart whose data the benchmarks saved in docs/data/,
+    and each committed chart carries its data's date (it was drawn from that file)."""
+    import json
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "charts.py"),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import charts
+    finally:
+        sys.path.pop(0)
+    drawn = 0
+    for name, (source, _draw) in charts.CHARTS.items():
+        data = os.path.join(REPO, "docs", "data", source)
+        if not os.path.exists(data):
+            continue
+        with open(data, encoding="utf-8") as f:
+            date = json.load(f)["date"][:16].replace("T", " ")
+        for svg in (tmp_path / name, os.path.join(REPO, "docs", "img", name)):
+            with open(svg, encoding="utf-8") as f:
+                assert date in f.read(), (svg, date)
+        drawn += 1
+    assert drawn >= 1

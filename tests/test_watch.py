@@ -23,7 +23,8 @@ def _run(exe: str, site: str, code: str = CODE) -> tuple:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = site
     proc = subprocess.run([exe, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(site), timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+                          cwd=os.path.dirname(site), timeout=60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -98,6 +99,7 @@ def test_watcher_falls_back_to_mtimes(tmp_path):
     watcher.watch([str(module)])
     watcher._fall_back("test: inotify_add_watch: No space left on device")
     assert watcher.fileno() is None and "checking their mtimes" in logged[-1]
+    assert "No space left on device" in watcher.problem
     assert watcher.changed() is None
     os.utime(module, ns=(0, 10**9))
     assert watcher.changed() == f"{module} changed"

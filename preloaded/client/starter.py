@@ -111,9 +111,7 @@ def env_cold_reason(env) -> str | None:
     if env.get("PY_PRELOAD_COLD", "") not in ("", "0"):
         return "PY_PRELOAD_COLD is set"
     for name in COLD_ENV:
-        if env.get(name):
-            if name == "PYTHONHASHSEED" and env[name] == "random":
-                continue
+        if env.get(name):  # PYTHONHASHSEED=random too: a fork keeps the server's hash secret
             return f"{name} is set"
     encoding = env.get("PYTHONIOENCODING", "").partition(":")[0]
     if encoding:

@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, keeper, startup, tools
+from preloaded.server import budget, control, envdeps, keeper, startup, tools
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.shadowing import Shadows
@@ -171,7 +171,8 @@ class Server:
         turn: a client that comes waits for one)."""
         if not self._can_learn():
             return
-        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
+        with envdeps.recording():  # a learned import reads the environment too
+            outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
         if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
@@ -316,8 +317,9 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log) \
-                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log):
+        if (tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log)
+                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log)
+                or envdeps.GATE.sent_back_cold(conn, frame, log, self.begin_stop)):
             return self._close(conn)  # python itself must run it (the reason is logged)
         self._fork(conn, frame)
 
@@ -333,7 +335,7 @@ class Server:
             "socket": self.paths.socket, "log": self.paths.log,
             "learn": self.learner.status() if self.learner else None,
             "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
-            "last_used": self.last_used,
+            "last_used": self.last_used, "env": envdeps.summary(),
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:

@@ -23,6 +23,7 @@ changed (or changed so recently that an entry made in the same clock tick could 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from importlib.machinery import BYTECODE_SUFFIXES, EXTENSION_SUFFIXES, SOURCE_SUFFIXES
@@ -244,14 +245,24 @@ def run_directories(request: dict) -> list:
 
 
 def _path0(request: dict, cwd: str) -> str:
+    """The directory python lists for the script's own modules. Python takes the directory of
+    the script's real path; without a symlink as the last component, the kernel resolves the
+    script's given directory to that same directory: one lstat instead of one per component."""
     if request["mode"] != "script":
         return cwd
     target = request["target"]
     path = os.path.join(cwd, target) if target else cwd
-    if os.path.isdir(path) or not path.endswith((".py", ".pyw")) and os.path.isfile(path) \
-            and _is_zip(path):  # fmt: skip
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # python cannot open it either: its error, whatever the directory holds
+        return os.path.dirname(path)
+    if stat.S_ISLNK(mode):
+        if os.path.isdir(path) or not path.endswith((".py", ".pyw")) and _is_zip(path):
+            return path
+        return os.path.dirname(os.path.realpath(path))
+    if stat.S_ISDIR(mode) or not path.endswith((".py", ".pyw")) and _is_zip(path):
         return path  # a directory or zip app: itself, as given
-    return os.path.dirname(os.path.realpath(path))
+    return os.path.dirname(path)
 
 
 def _is_zip(path: str) -> bool:

@@ -58,6 +58,7 @@ class Watcher:
         self.names: dict = {}  # wd -> (directory, set of watched names in it)
         self.stamps: dict | None = None  # path -> mtime: the fallback, checked on each run
         self.reason: str | None = None
+        self.problem: str | None = None  # why it fell back, for status
         try:
             self.fd = _init()
         except Unavailable as exc:
@@ -100,8 +101,9 @@ class Watcher:
             self.fd = None
         self.names = {}
         self.stamps = {path: _mtime(path) for path in files}
-        self.log(f"warning: cannot watch the imported files ({why}): checking their mtimes on"
-                 " every run instead (slower warm runs)")  # fmt: skip
+        self.problem = (f"cannot watch the imported files ({why}): checking their mtimes on"
+                        " every run instead (slower warm runs)")  # fmt: skip
+        self.log("warning: " + self.problem)
 
     def changed(self) -> str | None:
         """The first watched file that changed, reading the kernel's queue without blocking."""
