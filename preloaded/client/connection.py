@@ -53,9 +53,10 @@ def hand_over(sock, fds, request: dict):
             os.close(fd)
 
 
-# Signals a terminal or job control sends to a whole job: they go to the run's process group
-# (the server's loop.GROUP_SIGNALS, for a run the server left).
-GROUP_SIGNALS = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGSTOP, _signal.SIGCONT, _signal.SIGTSTP)
+# Signals that reach the run's whole process group, as the server's loop.GROUP_SIGNALS do: for a
+# run the server left, the client sends them itself.
+GROUP_SIGNALS = (_signal.SIGINT, _signal.SIGQUIT, _signal.SIGSTOP, _signal.SIGCONT, _signal.SIGTSTP,
+                 _signal.SIGTERM, _signal.SIGHUP)
 EXIT_FILE_WAIT = 2.0  # after the run ended: how long its keeper may take to publish its status
 
 
@@ -149,14 +150,26 @@ class Link:
 def _buffered_status(reader):
     try:
         for frame in reader.frames():
-            if "exit" in frame:
+            if "parent_signal" in frame:
+                signal_parent(frame["parent_signal"])
+            elif "exit" in frame:
                 return ("exit", frame["exit"])
-            if "signal" in frame:
+            elif "signal" in frame:
                 return ("signal", frame["signal"])
-            if "error" in frame:
+            elif "error" in frame:
                 os.write(2, f"py-preload: {frame['error']}\n".encode())
                 return ("exit", 1)
     except wire.ProtocolError as exc:
         os.write(2, f"py-preload: bad reply from the server: {exc}\n".encode())
         return ("exit", 1)
     return None
+
+
+def signal_parent(signum) -> None:
+    """The program signalled its parent (the server, as the kernel sees it): python's parent
+    would have been ours, so the signal goes there (see server/sigfd.py)."""
+    if type(signum) is int and 0 < signum < 65:
+        try:
+            os.kill(os.getppid(), signum)
+        except OSError:
+            pass  # as the program's own kill would have failed

@@ -14,6 +14,11 @@ from preloaded.client.connection import Fallback, Link, connect, hand_over
 from preloaded.client.signals import Signals, ignored_signals, suspend
 from preloaded.paths import Paths, UnsafeDirectory
 
+# A pidfd of the process whose end ends the run, as ipykernel's poller ends python's kernel
+# (starter.follow_jupyter); None when nothing is watched.
+PARENT_FD: int | None = None
+PARENT_GONE = ("exit", 1)  # ipykernel's os._exit(1); the server then ends the child
+
 
 def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> dict:
     """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
@@ -129,7 +134,7 @@ def _wait(link: Link, relay, wakeup_fd, ignored: list):
     """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
     try:
         if relay:
-            return relay.run(link, wakeup_fd)
+            return relay.run(link, wakeup_fd, PARENT_FD)
         return _wait_pipes(link, wakeup_fd, ignored)
     finally:
         link.close()
@@ -138,9 +143,12 @@ def _wait(link: Link, relay, wakeup_fd, ignored: list):
 def _wait_pipes(link: Link, wakeup_fd, ignored: list):
     import select
 
+    parent = [PARENT_FD] if PARENT_FD is not None else []
     while True:
         run_fd = link.fileno()  # the server's socket; the program's pidfd once the server died
-        ready, _, _ = select.select([run_fd, wakeup_fd], [], [])
+        ready, _, _ = select.select([run_fd, wakeup_fd] + parent, [], [])
+        if PARENT_FD in ready:
+            return PARENT_GONE
         if wakeup_fd in ready:
             for signum in os.read(wakeup_fd, 64):
                 if signum == _signal.SIGTSTP and signum not in ignored:
