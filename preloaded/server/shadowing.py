@@ -125,7 +125,10 @@ class Shadows:
 
     def sent_back_cold(self, conn, request: dict, known, log) -> bool:
         """If a local module shadows a held one, log why and tell the client to run cold."""
-        reason = self.reason(request, known)
+        try:
+            reason = self.reason(request, known)
+        except Exception as exc:  # a module or directory this code does not know: never warm
+            reason = f"cannot check the run's directories for shadowing modules: {exc!r}"
         if reason:
             log(f"cold run: {reason}")
             conn.reply({"cold": reason})
