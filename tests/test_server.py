@@ -281,7 +281,10 @@ BAD = {
     "not an object": (frame([1, 2]), 3, "not an object"),
     "not UTF-8": (struct.pack(">I", 2) + b"\xff\xfe", 3, "UTF-8"),
     "four fds": (frame(GOOD), 4, "got 4"),
-    "too many fds": (frame(GOOD), 6, "too many file descriptors"),
+    "too many fds": (frame(GOOD), 6, "expected 3 file descriptors, got 6"),
+    "fds not listed": (frame({**GOOD, "fds": [3, 4]}), 4, "expected 5 file descriptors, got 4"),
+    "fds at stdio": (frame({**GOOD, "fds": [2]}), 4, "fds must list descriptor numbers above 2"),
+    "fds twice": (frame({**GOOD, "fds": [7, 7]}), 5, "fds lists a descriptor twice"),
     "zero fds": (frame(GOOD), 0, "got 0"),
 }
 

@@ -38,7 +38,8 @@ def connect(path: str):
 
 
 def hand_over(sock, fds, request: dict):
-    """Send the request with the child's fds; return the server's first reply and the reader."""
+    """Send the request with the child's fds (its stdio, then the caller's others); return the
+    server's first reply and the reader."""
     try:
         try:
             wire.send(sock, request, fds)
@@ -49,7 +50,7 @@ def hand_over(sock, fds, request: dict):
     except (OSError, EOFError, wire.ProtocolError) as exc:
         raise Fallback(f"the server did not take the run ({exc})") from exc
     finally:
-        for fd in set(fds) - {0, 1, 2}:  # the PTY slave or /dev/null: the child has them now
+        for fd in set(fds[:3]) - {0, 1, 2}:  # the PTY slave or /dev/null: the child has them now
             os.close(fd)
 
 

@@ -4,14 +4,15 @@
  * preloaded/client/native.py). It runs a command warm only when stdin, stdout and stderr are
  * open and no terminal, the command line and the environment are ones the server takes as they
  * are, and the bundle's server is already listening. It then sends the very request frame the
- * Python client sends (preloaded/client/run.py) with fds 0, 1 and 2, forwards signals as
- * preloaded/client/signals.py does, and ends the way the child ended.
+ * Python client sends (preloaded/client/run.py) with fds 0, 1, 2 and the caller's others,
+ * forwards signals as preloaded/client/signals.py does, and ends the way the child ended.
  *
  * Everything else execs the Python starter (python -SI -c BOOT PKG_ROOT FILE ARGS...), which
  * then does exactly what a Python starter does: this file only ever takes a subset of the
  * Python client's decisions, never one of its own. libc only; every buffer is bounded.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <langinfo.h>
@@ -42,6 +43,7 @@ extern char **environ;
 #define MAGIC "PYPRLD1\n"     /* preloaded/client/native.py MAGIC: 8 bytes, then 8 hex digits */
 #define TRAILER 16
 #define MAX_ENV 4096 /* more variables than this: the Python client handles them */
+#define MAX_FDS 253  /* preloaded/wire.py MAX_FDS: stdio, then the caller's other fds */
 
 static const char BOOT[] =
     "import sys; sys.path.append(sys.argv.pop(1)); "
@@ -70,6 +72,7 @@ static struct {
 } config;
 static char self_path[4096]; /* this starter, as /proc/self/exe names it */
 static const char *coerced_lc_ctype; /* LC_CTYPE as python's start-up sets it (PEP 538) */
+static int utf8_mode;                /* python's UTF-8 mode: the C or POSIX locale (PEP 540) */
 
 /* ---- falling back to the Python starter ---------------------------------------------- */
 
@@ -470,6 +473,40 @@ static void put_env(struct out *o, const char *lc_ctype, const char *pythonpath)
     put(o, "}", 1);
 }
 
+static int extra_fds[MAX_FDS - 3], nextra;
+
+static int by_number(const void *a, const void *b) {
+    return *(const int *)a - *(const int *)b;
+}
+
+/* preloaded/client/run.py caller_fds: the caller's fds above 2, each to land at its own
+ * number in the child. An exec clears close-on-exec on every fd it keeps, and this client
+ * opens its own with it: what lacks it is the caller's. -1 when they cannot be listed, or are
+ * more than one message carries (the Python starter then runs the command cold). */
+static int list_caller_fds(void) {
+    DIR *dir = opendir("/proc/self/fd");
+    if (!dir)
+        return -1;
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(dir))) {
+        char *end;
+        long fd = strtol(e->d_name, &end, 10);
+        if (e->d_name[0] < '0' || e->d_name[0] > '9' || *end || fd <= 2 || fd == dirfd(dir))
+            continue;
+        int flags = fcntl((int)fd, F_GETFD);
+        if (flags < 0 || (flags & FD_CLOEXEC))
+            continue;
+        if (nextra == MAX_FDS - 3)
+            rc = -1;
+        else
+            extra_fds[nextra++] = (int)fd;
+    }
+    closedir(dir);
+    qsort(extra_fds, (size_t)nextra, sizeof extra_fds[0], by_number);
+    return rc;
+}
+
 /* The request of preloaded/client/run.py build_request, byte for byte; -1: leave it to
  * the Python client (an argument that is not UTF-8, a frame too big). */
 static int build_request(struct out *o, struct command *cmd, int argc, char **argv,
@@ -515,6 +552,12 @@ static int build_request(struct out *o, struct command *cmd, int argc, char **ar
             put(o, ",", 1);
         put_int(o, ignored[k]);
     }
+    puts_(o, "],\"fds\":[");
+    for (int k = 0; k < nextra; k++) {
+        if (k)
+            put(o, ",", 1);
+        put_int(o, extra_fds[k]);
+    }
     puts_(o, "]}");
     if (rc || o->full || o->len - 4 > MAX_FRAME)
         return -1;
@@ -539,6 +582,7 @@ static const char *python_codeset(void) {
         const char *codeset = nl_langinfo(CODESET);
         return strcmp(codeset, "UTF-8") == 0 ? codeset : NULL;
     }
+    utf8_mode = 1;
     const char *lc_all = getenv("LC_ALL");
     if (strcmp(locale, "C") == 0 && !(lc_all && *lc_all)) { /* _Py_CoerceLegacyLocale */
         for (size_t k = 0; k < COUNT(targets); k++) {
@@ -571,13 +615,14 @@ static int socket_path(char *out, size_t size) {
         (st.st_mode & 077))
         return -1; /* the Python client creates, repairs or refuses it */
 
-    /* bundle_key: FNV-1a 64 of realpath NUL filesystem-encoding NUL locale-encoding. */
+    /* bundle_key: FNV-1a 64 of realpath NUL filesystem-encoding NUL locale-encoding, then
+     * NUL utf8 in UTF-8 mode. */
     const char *codeset = python_codeset();
     if (!codeset)
         return -1;
     uint64_t h = 0xCBF29CE484222325ull;
-    const char *parts[3] = {self_path, "utf-8", codeset};
-    for (int k = 0; k < 3; k++) {
+    const char *parts[4] = {self_path, "utf-8", codeset, "utf8"};
+    for (int k = 0; k < 3 + utf8_mode; k++) {
         if (k)
             h = (h ^ 0) * 0x100000001B3ull;
         for (const unsigned char *p = (const unsigned char *)parts[k]; *p; p++)
@@ -602,10 +647,12 @@ static int send_all(int sock, const char *buf, size_t len) {
     return 0;
 }
 
-/* The request with fds 0, 1, 2 riding on its first byte (wire.send). A peer that hung up
- * before reading it is no error: its reply says why. */
+/* The request with fds 0, 1, 2 and then the caller's others riding on its first byte
+ * (wire.send). A peer that hung up before reading it is no error: its reply says why. */
 static int send_request(int sock, const struct out *o) {
-    int fds[3] = {0, 1, 2};
+    int fds[MAX_FDS] = {0, 1, 2};
+    size_t nfds = 3 + (size_t)nextra;
+    memcpy(fds + 3, extra_fds, (size_t)nextra * sizeof fds[0]);
     union { /* aligned for the cmsghdr written into it */
         char buf[CMSG_SPACE(sizeof fds)];
         struct cmsghdr header;
@@ -613,12 +660,12 @@ static int send_request(int sock, const struct out *o) {
     memset(&control, 0, sizeof control);
     struct iovec iov = {.iov_base = o->buf, .iov_len = o->len};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                         .msg_controllen = sizeof control.buf};
+                         .msg_controllen = CMSG_SPACE(nfds * sizeof fds[0])};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
     cm->cmsg_level = SOL_SOCKET;
     cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof fds);
-    memcpy(CMSG_DATA(cm), fds, sizeof fds);
+    cm->cmsg_len = CMSG_LEN(nfds * sizeof fds[0]);
+    memcpy(CMSG_DATA(cm), fds, nfds * sizeof fds[0]);
     ssize_t sent;
     do
         sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
@@ -1280,7 +1327,7 @@ int main(int argc, char **argv) {
             ignored[nignored++] = INHERITABLE[k];
 
     struct out o = {request_buf, 0, sizeof request_buf, 0};
-    if (build_request(&o, &cmd, argc, argv, cwd, pp, ignored, nignored) < 0)
+    if (list_caller_fds() < 0 || build_request(&o, &cmd, argc, argv, cwd, pp, ignored, nignored) < 0)
         exec_python(argv);
 
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);

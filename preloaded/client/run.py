@@ -9,6 +9,7 @@ from __future__ import annotations
 import _signal
 import os
 
+from preloaded import wire
 from preloaded.client.cmdline import hide_arguments
 from preloaded.client.connection import Fallback, Link, connect, hand_over
 from preloaded.client.signals import Signals, ignored_signals, suspend
@@ -20,7 +21,7 @@ PARENT_FD: int | None = None
 PARENT_GONE = ("exit", 1)  # ipykernel's os._exit(1); the server then ends the child
 
 
-def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> dict:
+def build_request(cmd, args: list, python: str, stdio: list, ignored: list, fds: list) -> dict:
     """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
     try:
         cwd = os.getcwd()
@@ -40,7 +41,30 @@ def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> d
         "flags": cmd.flags,
         "stdio": stdio,
         "ignored": ignored,
+        "fds": fds,
     }
+
+
+def caller_fds() -> list:
+    """The caller's fds above 2, each to land at its own number in the child, as python would
+    have them. Every fd an exec kept has close-on-exec cleared, and python opens its own fds
+    with it set: what lacks it here is the caller's. (The listing's own directory fd is closed
+    by the time it is looked at.) Must run before this process opens any fd of its own."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError as exc:
+        raise Fallback() from exc  # they cannot be listed: python gets them all
+    fds = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:
+                pass
+    fds.sort()
+    return fds
 
 
 def stdio_kinds() -> list:
@@ -80,6 +104,11 @@ def run(config: dict, bundle: str, cmd, args: list):
     """Run ``cmd`` warm; return ("exit", code) or ("signal", n). Raises Fallback to run cold."""
     kinds = stdio_kinds()
     ignored = ignored_signals()
+    extra = caller_fds()
+    if len(extra) > wire.MAX_FDS - 3:
+        # One message carries at most MAX_FDS: so many fds is rare enough to run cold, which
+        # passes them all, rather than split a request over several messages.
+        raise Fallback()
     paths = bundle_paths(bundle)
     for _attempt in range(3):
         sock = open_server(config, bundle, paths)
@@ -89,7 +118,7 @@ def run(config: dict, bundle: str, cmd, args: list):
         started = False
         try:
             relay = None
-            request = build_request(cmd, args, config["python"], _stdio(kinds), ignored)
+            request = build_request(cmd, args, config["python"], _stdio(kinds), ignored, extra)
             if "tty" in kinds:
                 from preloaded.client.ptyrelay import PtyRelay
 
@@ -97,7 +126,7 @@ def run(config: dict, bundle: str, cmd, args: list):
                 fds = relay.child_fds()
             else:
                 fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
-            reply, reader = hand_over(sock, fds, request)
+            reply, reader = hand_over(sock, fds + extra, request)
             if "started" in reply:
                 started = True
                 hide_arguments()  # pgrep -f / pkill -f must find the program's process only

@@ -28,6 +28,10 @@ def server_env(env) -> dict:
     """
     clean = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
     clean["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() must not initialise CUDA
+    if sys.flags.utf8_mode:
+        # The C locale: python (as this starter) runs in UTF-8 mode, after coercing LC_CTYPE
+        # to C.UTF-8 in the environment, which alone would not put the server in it.
+        clean["PYTHONUTF8"] = "1"
     return clean
 
 

@@ -376,6 +376,8 @@ class Server:
         fds.extend(self.conns)
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
+            if conn.peer is not None and conn.peer.pidfd is not None:
+                fds.append(conn.peer.pidfd)  # a child holding it would show it to the program
         fds.extend(self.lock_fds)
         fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
