@@ -27,6 +27,18 @@ LOCAL = "def dumps(x): return 'local json'\n"
 EXTENSION = EXTENSION_SUFFIXES[0]  # name.cpython-3XY-<platform>.so
 
 
+def _zip(members: dict) -> bytes:
+    """A zip app: python puts the archive itself first on sys.path."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
 def _pyc(source: str) -> bytes:
     """A sourceless module (``name.pyc`` beside the script) for this interpreter."""
     return bytes(bootstrap._code_to_timestamp_pyc(compile(source, "json.py", "exec")))
@@ -48,6 +60,8 @@ CASES = [
           {"bin/s.py": Link("../real/s.py"), "real/s.py": SHOW, "real/json.py": LOCAL}), False),
     (Case("symlinked-directory", ["{d}/link/s.py"],
           {"link": Link("real"), "real/s.py": SHOW, "real/json.py": LOCAL}), False),
+    (Case("zip-app", ["{d}/app.zip"], {"app.zip": _zip({"__main__.py": SHOW, "json.py": LOCAL})}),
+     False),
     (Case("cwd-with-c", ["-c", SHOW], {"json.py": LOCAL}), False),
     (Case("cwd-with-m", ["-m", "mod"], {"mod.py": SHOW, "filelock/__init__.py": ""}), False),
     (Case("pythonpath-file", ["-c", SHOW], {"pp/json.py": LOCAL}, env={"PYTHONPATH": "{d}/pp"}),
@@ -134,3 +148,30 @@ def _run_kept(exe: str, directory: str) -> tuple:
     proc = subprocess.run([exe, os.path.join(directory, "s.py")], capture_output=True,
                           env=env, cwd=directory, timeout=30, stdin=subprocess.DEVNULL)  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_namespace_package_the_server_holds(tmp_path, monkeypatch):
+    """A directory without __init__.py beats nothing regular, but it is a portion of a namespace
+    package the server holds (python's __path__ would start with it): cold; the server's own
+    portion, on PYTHONPATH, is no change. In-process, on this process's modules."""
+    import sys
+
+    from preloaded.server.shadowing import Shadows
+
+    site = tmp_path / "site"
+    (site / "nspkg").mkdir(parents=True)
+    (site / "nspkg" / "a.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # nspkg is gone after the test
+    __import__("nspkg.a")
+    project = tmp_path / "project"
+    (project / "nspkg").mkdir(parents=True)
+    shadows, known = Shadows(frozenset()), frozenset(sys.modules)
+
+    def reason(cwd, pythonpath=""):
+        env = {"PYTHONPATH": pythonpath} if pythonpath else {}
+        return shadows.reason({"mode": "code", "target": "", "cwd": str(cwd), "env": env}, known)
+
+    assert "'nspkg' in " + str(project) in reason(project)
+    assert reason(tmp_path, pythonpath=str(site)) is None
+    assert reason(tmp_path) is None

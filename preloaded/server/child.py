@@ -19,7 +19,9 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import become, envdeps, fastexit, learn, preload, proctitle, stdio
+from preloaded.server import (
+    become, envdeps, fastexit, learn, preload, proctitle, startflags, stdio,
+)
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 GO = {"go": True}  # the server's last frame to a standby: the run may start
@@ -63,6 +65,7 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
         _reset_process(sigmask)
         if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
             os._exit(1)
+        preload.outlive_server()
         _prepare()
         request, fds = _receive(channel, setup)
         handed_over = True
@@ -125,6 +128,8 @@ def _receive(channel: int, setup: Setup) -> tuple:
         reader.feed(data)
         for request in reader.frames():
             break
+    if request.get("fds"):  # before the caller's limits apply: the server's let them land
+        fds, channel = stdio.place_fds(fds, request["fds"], channel)
     for signum in request["ignored"]:  # inherited "ignore" survives exec, and python leaves it so
         signal.signal(signum, signal.SIG_IGN)
     if "context" in request:  # the caller's limits, nice, cgroup, privilege...: before the go
@@ -170,12 +175,11 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     sys.path[:] = [_path0(request)] + _dedupe(_pythonpath(env) + setup.base_path)
     flags = request["flags"]
     sys.dont_write_bytecode = flags["B"] or bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    startflags.set_flags(flags, env)
     warnoptions = [w for w in env.get("PYTHONWARNINGS", "").split(",") if w] + flags["W"]
     sys.warnoptions[:] = warnoptions
     if warnoptions:
-        import warnings
-
-        warnings._processoptions(warnoptions)
+        startflags.install_warnoptions(warnoptions)
     _reseed()
 
 

@@ -9,12 +9,13 @@ request.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import time
 
 from preloaded import wire
-from preloaded.server import child
+from preloaded.server import child, stdio
 from preloaded.server.peer import Cold
 from preloaded.server.preload import HANDLED
 
@@ -31,9 +32,10 @@ HAND_OVER_TIMEOUT = 5.0  # a parked standby reads its request at once; this is o
 class Standby:
     """A child forked ahead and parked in a read on its end of ``channel``."""
 
-    def __init__(self, pid: int, channel: socket.socket) -> None:
+    def __init__(self, pid: int, channel: socket.socket, kept: frozenset = frozenset()) -> None:
         self.pid = pid
         self.channel = channel
+        self.kept = kept  # the fds (above 2) it keeps from the server: a library's, say
 
     def go(self) -> None:
         """Let the run start: its client was told "started". The go is a frame, not the
@@ -71,6 +73,8 @@ class StandbyPool:
             request = dict(request, context=context)
         for _attempt in range(3):
             standby = self.parked.pop(0) if self.parked else self.spawn()
+            if request["fds"]:
+                self._check_fds(standby, request["fds"])
             try:
                 standby.channel.settimeout(HAND_OVER_TIMEOUT)  # it reads at once: it is parked
                 wire.send(standby.channel, request, fds)
@@ -83,6 +87,20 @@ class StandbyPool:
                 self._await_ready(standby)
             return standby
         raise OSError(0, "every standby died before its hand-over")
+
+    def _check_fds(self, standby: Standby, targets: list) -> None:
+        """Cold (``standby`` parked again) unless the caller's fds can land at their numbers
+        in it: not on an fd it keeps from the server (python would have had the library open
+        its own at another number), and within the limit on fd numbers."""
+        reason = None
+        taken = standby.kept.intersection(targets)
+        if taken:
+            reason = f"fd {min(taken)} of the caller is one the server's imports hold open"
+        elif max(targets) + len(targets) + 8 > _fd_ceiling():
+            reason = f"fd {max(targets)} of the caller is above the server's RLIMIT_NOFILE"
+        if reason:
+            self.parked.insert(0, standby)
+            raise Cold(reason)
 
     def _await_ready(self, standby: Standby) -> None:
         """The child's answer once it took on the caller's context; Cold if it could not."""
@@ -100,6 +118,7 @@ class StandbyPool:
         """Fork a child that parks until a run is handed to it (see child.park)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         server_fds = self.own_fds() + self.channel_fds() + [ours.fileno()]
+        kept = open_fds().difference(server_fds, (0, 1, 2, theirs.fileno()))
         # A signal reaching the child before it dropped the server's handlers would wake the
         # server's loop through the wakeup pipe they share: blocked until child.park resets them.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
@@ -118,7 +137,7 @@ class StandbyPool:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         self.failed = False
-        return Standby(pid, ours)
+        return Standby(pid, ours, frozenset(kept))
 
     def refill(self) -> None:
         """Fork the next standby now: the loop is idle, so that forking delays no run (the run
@@ -176,6 +195,25 @@ class StandbyPool:
 
     def pids(self) -> list:
         return [standby.pid for standby in self.parked]
+
+
+def open_fds() -> set:
+    """This process's open fds (the listing's own, closed by then, left out)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.get_inheritable(int(name))
+            fds.add(int(name))
+        except OSError:
+            pass
+    return fds
+
+
+def _fd_ceiling() -> int:
+    """The highest fd number a child may place a caller's fd at (plus room to move others):
+    it raises its soft RLIMIT_NOFILE to the hard one for that (see stdio.place_fds)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return stdio.NR_OPEN if hard == resource.RLIM_INFINITY else min(hard, stdio.NR_OPEN)
 
 
 def pool_size(config: dict) -> int:
