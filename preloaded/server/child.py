@@ -66,6 +66,7 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
         _reset_process(sigmask)
         if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
             os._exit(1)
+        preload.outlive_server()
         request, fds = _receive(channel, setup)
         handed_over = True
         status = _serve(request, fds, setup)

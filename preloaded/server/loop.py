@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, envdeps, sigfd, startup, tools
+from preloaded.server import budget, control, envdeps, keeper, sigfd, startup, tools
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
@@ -92,6 +92,7 @@ class Server:
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
         self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
+        self.keeper = keeper.started_field()  # whose exit file a client reads if we die
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -242,8 +243,7 @@ class Server:
             if signum == signal.SIGCHLD:
                 self._reap()
             elif not self.stopping:
-                log(f"got signal {signum}: stopping")
-                self.begin_stop(kill_children=True)
+                control.terminated(self, signum, log)
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -354,7 +354,8 @@ class Server:
         self.last_used = time.time()
         conn.pid = standby.pid
         self.children[standby.pid] = conn
-        if conn.reply({"started": standby.pid}):
+        keeper.running(standby.pid)  # if we die, the keeper reaps it and publishes its status
+        if conn.reply({"started": standby.pid, **self.keeper}):
             standby.go()
         else:  # its client may run the command cold: this one must not run it (reaped by _reap)
             kill(standby.pid, signal.SIGKILL, group=False)
@@ -395,6 +396,7 @@ class Server:
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
                 continue
+            keeper.ended(pid)
             if self.learner is not None:  # every reaped run, whatever its connection became
                 self.learner.collect(pid)
             code = os.waitstatus_to_exitcode(status)
