@@ -81,6 +81,12 @@ def _fnv1a64(data: bytes) -> str:
     return f"{h:016x}"
 
 
+def exit_file(socket_path: str, keeper: int, pid: int) -> str:
+    """Where a server's keeper writes the exit status of a run the server left running (see
+    server/keeper.py), for the run's client to read: next to the server's socket."""
+    return f"{socket_path.removesuffix('.sock')}.exit.{keeper}.{pid}"
+
+
 class Paths:
     """The files of one bundle's server."""
 

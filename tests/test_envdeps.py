@@ -150,6 +150,32 @@ def test_the_same_other_values_twice_in_a_row_make_a_server_for_them(envmod):
     envmod.compare(envmod.base_env, warm=False)  # the old value: cold on the new server
 
 
+EXECUTOR = '''
+import sys
+import preloaded
+
+def greeting():
+    import envmod
+    return envmod.GREETING
+
+with preloaded.Executor(sys.argv[1], max_workers=1) as ex:
+    print(ex.submit(greeting).result())
+'''
+
+
+def test_an_executor_with_other_values_gets_a_server_made_with_them(envmod, tmp_path):
+    """(After the retire test: the server holds ENVDEPS_GREETING=b.) A worker is a warm child
+    too: it must not see the server's values; the Executor retries, the server retires."""
+    if envmod.client == "native":
+        pytest.skip("the Executor is the same for both starters")
+    script = tmp_path / "pool.py"
+    script.write_text(EXECUTOR)
+    env = with_env(envmod.base_env, ENVDEPS_GREETING="from the executor")
+    env["PYTHONPATH"] += os.pathsep + REPO
+    out = run([PYTHON, str(script), envmod.bundle], env, envmod.cwd)
+    assert (out.returncode, out.stdout) == (0, "from the executor\n"), out.stderr
+
+
 HF_SCRIPT = '''
 import huggingface_hub.constants as c
 print(c.HF_HUB_OFFLINE, c.HF_HOME)

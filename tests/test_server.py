@@ -55,11 +55,13 @@ def wait_until(predicate, timeout: float, what: str):
 
 def server_processes(bundle: str) -> list:
     """Live server processes of ``bundle``, found by their command line (their children, the
-    parked standby among them, have the same one: they are left out)."""
+    parked standby among them, and their parent, the keeper, have the same one: they are left
+    out)."""
     found = {}
-    for proc in psutil.process_iter(["cmdline", "ppid"]):
+    for proc in psutil.process_iter(["cmdline", "ppid", "name"]):
         cmdline = proc.info["cmdline"] or []
-        if any("preloaded.server.loop" in a for a in cmdline) and any(bundle in a for a in cmdline):
+        if (any("preloaded.server." in a for a in cmdline) and any(bundle in a for a in cmdline)
+                and proc.info["name"] != "py-preload-keep"):
             found[proc.pid] = proc.info["ppid"]
     return sorted(pid for pid, ppid in found.items() if ppid not in found)
 

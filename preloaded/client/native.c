@@ -31,6 +31,8 @@
 #endif
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -673,7 +675,29 @@ static int send_request(int sock, const struct out *o) {
     return errno == EPIPE || errno == ECONNRESET ? 0 : -1;
 }
 
+/* A run its server left (connection.py Link): followed by a pidfd taken at "started". */
+static struct {
+    long long pid;
+    int pidfd; /* -1: none (no keeper, or no pidfd_open): the run is lost with its server */
+    int lost;  /* the server is gone: signals go to the program itself */
+    char exit_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
+} run = {0, -1, 0, ""};
+
+static void signal_run(int signum) { /* connection.py Link._signal_run */
+    if (signum == SIGINT || signum == SIGQUIT || signum == SIGSTOP || signum == SIGCONT ||
+        signum == SIGTSTP || signum == SIGTERM || signum == SIGHUP) /* loop.GROUP_SIGNALS */
+        killpg((pid_t)run.pid, signum); /* the run leads its own process group */
+#ifdef SYS_pidfd_send_signal
+    else
+        syscall(SYS_pidfd_send_signal, run.pidfd, signum, NULL, 0);
+#endif
+}
+
 static void send_signal(int sock, int signum) {
+    if (run.lost) {
+        signal_run(signum);
+        return;
+    }
     char body[64];
     int n = snprintf(body + 4, sizeof body - 4, "{\"signal\":%d}", signum);
     body[0] = body[1] = body[2] = 0;
@@ -690,8 +714,8 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, cold, has_parent_signal;
-    long long exit, signal, parent_signal;
+    int started, has_exit, has_signal, has_error, cold, has_parent_signal, has_keeper;
+    long long exit, signal, parent_signal, pid, keeper;
     char error[1024];
 };
 
@@ -910,10 +934,13 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                            : strcmp(key, "error") == 0  ? &r->has_error
                            : strcmp(key, "cold") == 0   ? &r->cold
                            : strcmp(key, "parent_signal") == 0 ? &r->has_parent_signal
+                           : strcmp(key, "keeper") == 0        ? &r->has_keeper
                                                                : NULL;
-            long long *number = present == &r->has_exit     ? &r->exit
-                                : present == &r->has_signal ? &r->signal
+            long long *number = present == &r->has_exit            ? &r->exit
+                                : present == &r->has_signal        ? &r->signal
                                 : present == &r->has_parent_signal ? &r->parent_signal
+                                : present == &r->started           ? &r->pid
+                                : present == &r->has_keeper        ? &r->keeper
                                                                    : NULL;
             if (present)
                 *present = 1;
@@ -925,7 +952,7 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                 if (scan_number(&s, number, &integer) < 0)
                     return -1;
                 if (!integer)
-                    *present = 2; /* not an int: a bad reply */
+                    *present = 2; /* not an int: a bad reply (a "started" without a pid) */
             } else {
                 if (skip_value(&s, 0) < 0)
                     return -1;
@@ -1113,6 +1140,75 @@ static void act_on_frames(void) {
         fail("bad reply from the server: ", why);
 }
 
+/* "started": take the program's pidfd now, before its pid could be reused, in case the server
+ * dies during the run (connection.py Link). */
+static void take_pidfd(const struct reply *first, const char *sock_path) {
+#ifdef SYS_pidfd_open
+    size_t len = strlen(sock_path);
+    if (first->started != 1 || first->has_keeper != 1 || first->pid <= 0 ||
+        first->pid > INT32_MAX || len < 5)
+        return;
+    run.pid = first->pid;
+    run.pidfd = (int)syscall(SYS_pidfd_open, (pid_t)run.pid, 0);
+    snprintf(run.exit_path, sizeof run.exit_path, "%.*s.exit.%lld.%lld", (int)(len - 5), sock_path,
+             first->keeper, run.pid); /* paths.exit_file: the socket path without ".sock" */
+#else
+    (void)first;
+    (void)sock_path;
+#endif
+}
+
+/* The program ended after its server: its status as its keeper published it. */
+static void exit_like_published(void) {
+    struct timespec pause = {0, 2000000};
+    for (int tries = 0; tries < 1000; tries++) { /* connection.py EXIT_FILE_WAIT: 2 s */
+        char text[32];
+        int fd = open(run.exit_path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
+        if (fd >= 0)
+            close(fd);
+        if (n > 0) {
+            char *end;
+            text[n] = 0;
+            long long code = strtoll(text, &end, 10);
+            if (end != text && *end == 0) {
+                unlink(run.exit_path);
+                if (code < 0)
+                    exit_like_signal(-code);
+                _exit((int)(code & 0xFF));
+            }
+        }
+        nanosleep(&pause, NULL);
+    }
+    fail("lost the server during the run", "");
+}
+
+/* The server is gone, the program goes on: forward signals to it until it ends. */
+static void follow_run(int sock) {
+    run.lost = 1;
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = run.pidfd, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("lost the server during the run", "");
+        }
+        if (fds[1].revents) {
+            unsigned char signums[64];
+            ssize_t n = read(wake_pipe[0], signums, sizeof signums);
+            for (ssize_t k = 0; k < n; k++) {
+                if (signums[k] == SIGTSTP && !tstp_ignored)
+                    suspend(sock);
+                else
+                    signal_run(signums[k]);
+            }
+        }
+        if (fds[0].revents)
+            exit_like_published();
+    }
+}
+
 /* After "started": forward signals until the child's status arrives, then mirror it. */
 static void wait_for_status(int sock) {
     for (;;) {
@@ -1139,6 +1235,8 @@ static void wait_for_status(int sock) {
         }
         if (fds[0].revents && fill(sock) <= 0) {
             act_on_frames();
+            if (run.pidfd >= 0)
+                follow_run(sock);
             fail("lost the server during the run", "");
         }
     }
@@ -1248,6 +1346,7 @@ int main(int argc, char **argv) {
     while (rc == 0 && (rc = next_frame(&first, why, sizeof why)) == 0)
         rc = fill(sock) > 0 ? 0 : -1;
     if (rc == 1 && first.started) {
+        take_pidfd(&first, sock_path);
         hide_arguments(argc, argv);
         wait_for_status(sock);
         return 1; /* not reached */

@@ -11,7 +11,7 @@ import os
 
 from preloaded import wire
 from preloaded.client.cmdline import hide_arguments
-from preloaded.client.connection import Fallback, connect, hand_over, read_status, send_signal
+from preloaded.client.connection import Fallback, Link, connect, hand_over
 from preloaded.client.signals import Signals, ignored_signals, suspend
 from preloaded.paths import Paths, UnsafeDirectory
 
@@ -82,12 +82,16 @@ def stdio_kinds() -> list:
     return kinds
 
 
-def open_server(config: dict, bundle: str):
-    """Connect to this bundle's server, starting it first if none is running."""
+def bundle_paths(bundle: str) -> Paths:
     try:
-        paths = Paths(bundle)
+        return Paths(bundle)
     except (UnsafeDirectory, OSError) as exc:
         raise Fallback(f"runtime directory unusable: {exc}") from exc
+
+
+def open_server(config: dict, bundle: str, paths: Paths | None = None):
+    """Connect to this bundle's server, starting it first if none is running."""
+    paths = paths or bundle_paths(bundle)
     sock = connect(paths.socket)
     if sock is None:
         from preloaded.client import spawn
@@ -105,8 +109,9 @@ def run(config: dict, bundle: str, cmd, args: list):
         # One message carries at most MAX_FDS: so many fds is rare enough to run cold, which
         # passes them all, rather than split a request over several messages.
         raise Fallback()
+    paths = bundle_paths(bundle)
     for _attempt in range(3):
-        sock = open_server(config, bundle)
+        sock = open_server(config, bundle, paths)
         # Handlers go in before raw mode and before the child exists: a signal that comes while
         # the run starts is forwarded once it has started, and never leaves the terminal raw.
         signals = Signals(tty="tty" in kinds)
@@ -125,7 +130,8 @@ def run(config: dict, bundle: str, cmd, args: list):
             if "started" in reply:
                 started = True
                 hide_arguments()  # pgrep -f / pkill -f must find the program's process only
-                return _wait(sock, reader, relay, signals.rfd, reply["started"], ignored)
+                link = Link(sock, reader, reply, paths.socket)
+                return _wait(link, relay, signals.rfd, ignored)
             sock.close()
             if relay:
                 relay.close()
@@ -153,33 +159,34 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDWR)
 
 
-def _wait(sock, reader, relay, wakeup_fd, child_pid, ignored: list):
+def _wait(link: Link, relay, wakeup_fd, ignored: list):
     """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
     try:
         if relay:
-            return relay.run(sock, reader, wakeup_fd, child_pid, PARENT_FD)
-        return _wait_pipes(sock, reader, wakeup_fd, ignored)
+            return relay.run(link, wakeup_fd, PARENT_FD)
+        return _wait_pipes(link, wakeup_fd, ignored)
     finally:
-        sock.close()
+        link.close()
 
 
-def _wait_pipes(sock, reader, wakeup_fd, ignored: list):
+def _wait_pipes(link: Link, wakeup_fd, ignored: list):
     import select
 
-    sock_fd = sock.fileno()
-    rlist = [sock_fd, wakeup_fd] + ([PARENT_FD] if PARENT_FD is not None else [])
+    parent = [PARENT_FD] if PARENT_FD is not None else []
     while True:
-        ready, _, _ = select.select(rlist, [], [])
+        run_fd = link.fileno()  # the server's socket; the program's pidfd once the server died
+        ready, _, _ = select.select([run_fd, wakeup_fd] + parent, [], [])
         if PARENT_FD in ready:
+            link.hang_up()
             return PARENT_GONE
         if wakeup_fd in ready:
             for signum in os.read(wakeup_fd, 64):
                 if signum == _signal.SIGTSTP and signum not in ignored:
-                    suspend(sock, None)
+                    suspend(link, None)
                 else:
-                    send_signal(sock, signum)
-        if sock_fd in ready:
-            status = read_status(sock, reader)
+                    link.send_signal(signum)
+        if run_fd in ready:
+            status = link.read_status()
             if status:
                 return status
 

@@ -42,6 +42,7 @@ def server_argv(config: dict, bundle: str) -> list:
     # shadows those (see server/shadowing.py). Taken first, before py-preload's own imports.
     boot = (
         "import sys; s = frozenset(sys.modules); sys.path.append(sys.argv.pop(1)); "
+        "from preloaded.server.keeper import split; split(); "
         "from preloaded.server.loop import main; main(s)"
     )
     payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})
