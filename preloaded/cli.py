@@ -467,7 +467,8 @@ def status(file, as_json) -> None:
 
 
 @main.command(short_help="Stop the server of a starter, or all of yours.",
-              epilog=examples("py-preload stop python-tt.bin", "py-preload stop --all"))
+              epilog=examples("py-preload stop python-tt.bin", "py-preload stop --all",
+                              "py-preload stop --now python-tt.bin"))
 @click.argument("file", required=False, type=click.Path())
 @click.option("--all", "stop_all", is_flag=True, help="Stop every server of this user.")
 @click.option("--now", is_flag=True, help="End the programs they are running (SIGHUP).")

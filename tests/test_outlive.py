@@ -195,3 +195,22 @@ def test_server_sigterm_leaves_runs_to_the_keeper(tmp_path):
     assert (proc.returncode, out, err) == (4, "go\nfinished\n", "")
     wait_until(lambda: gone(keeper), 10, "the keeper to exit after the run")
     assert exit_files(bundle) == []
+
+
+def test_kernel_left_by_its_server_ends_with_jupyter(tmp_path):
+    """Guards against a warm kernel living on after both its server and its Jupyter died: the
+    client that watches Jupyter (JPY_PARENT_PID, see starter.follow_jupyter) hangs up on the
+    program itself once the server is gone, as the server does when the client goes."""
+    bundle = make_bundle(tmp_path / "python-kernel.bin", "json")
+    code = "import os, time; print('ready', os.getpid(), flush=True); time.sleep(60)"
+    jupyter = subprocess.Popen(["bash", "-c", 'JPY_PARENT_PID=$$ "$0" -c "$1"; exit 0', bundle,
+                                code], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    pid = int(jupyter.stdout.readline().split()[1])
+    server = psutil.Process(pid).ppid()
+    os.kill(server, signal.SIGKILL)
+    wait_until(lambda: gone(server), 10, "the server to die")
+    assert not gone(pid)
+    jupyter.kill()
+    jupyter.wait(RUN_TIMEOUT)
+    wait_until(lambda: gone(pid), 10, "the kernel to end with its Jupyter")
+    os.unlink(Paths(bundle).info)  # the killed server's

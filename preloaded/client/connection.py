@@ -117,6 +117,12 @@ class Link:
         self.lost = True  # the program goes on: wait for it on the pidfd
         return None
 
+    def hang_up(self) -> None:
+        """The caller's end of the run (its Jupyter died): closing the connection has the
+        server SIGHUP the program; once the server is gone, the client does it."""
+        if self.lost:
+            self._signal_run(_signal.SIGHUP)
+
     def close(self) -> None:
         self.sock.close()
         if self.pidfd is not None:

@@ -181,6 +181,7 @@ class PtyRelay:
             except InterruptedError:
                 continue
             if parent_fd in ready:
+                link.hang_up()
                 return ("exit", 1)
             if self.master in ready:
                 master_open = self._pump_output()

@@ -177,6 +177,7 @@ def _wait_pipes(link: Link, wakeup_fd, ignored: list):
         run_fd = link.fileno()  # the server's socket; the program's pidfd once the server died
         ready, _, _ = select.select([run_fd, wakeup_fd] + parent, [], [])
         if PARENT_FD in ready:
+            link.hang_up()
             return PARENT_GONE
         if wakeup_fd in ready:
             for signum in os.read(wakeup_fd, 64):

@@ -39,6 +39,7 @@ class Setup:
         # Learned preloads (see preloaded.learn): the server's modules, the library directories,
         # and where to report (None: learning is off).
         self.known: frozenset = frozenset()
+        self.newest: tuple = (None, None)  # sys.modules' newest entry: (name, id of module)
         self.roots: tuple = ()
         self.learn_prefix: str | None = None
         # PY_PRELOAD_FASTEXIT=0 (server's environment): children tear their memory down
@@ -66,7 +67,6 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
         if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
             os._exit(1)
         preload.outlive_server()
-        _prepare()
         request, fds = _receive(channel, setup)
         handed_over = True
         status = _serve(request, fds, setup)
@@ -90,16 +90,6 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
             os.kill(os.getpid(), signal.SIGINT)
             status = 128 + signal.SIGINT
         os._exit(status & 0xFF)
-
-
-def _prepare() -> None:
-    """What every run needs and no request decides, done while parked (off the run's path).
-
-    Only marks, no state a run could see: the import system's directory caches are invalidated
-    here (1.1 ms in a torch child, a page copied per finder), and refilled lazily at the first
-    import, which comes after the hand-over: a run still sees the files as they are then.
-    """
-    importlib.invalidate_caches()
 
 
 def _serve(request: dict, fds: list, setup: Setup) -> int:

@@ -55,7 +55,7 @@ class RunTable:
         elif self.used < SLOTS:
             slot, self.used = self.used, self.used + 1
         else:
-            return  # that many at once: this one dies with the server, as before
+            return  # that many at once: if the server dies, its client says it lost it
         self.slots[pid] = slot
         _SLOT.pack_into(self.map, slot * _SLOT.size, pid)
 

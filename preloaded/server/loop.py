@@ -157,7 +157,7 @@ class Server:
             self._check_socket()
             self._learn_step()
             if not events and self._refill_in() == 0.0:
-                self.pool.refill()
+                self.pool.idle_turn()
             if not events and self.budget is not None:
                 self.budget.check_memory()
 
@@ -178,10 +178,10 @@ class Server:
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
         elif outcome in ("learned", "failed"):  # failed: after importing some dependencies?
-            from preloaded.server import preload
+            from preloaded.server import learn, preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
-            self.child_setup.known = frozenset(sys.modules)
+            learn.remember_modules(self.child_setup)
             self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             if not self.learner.busy():

@@ -8,14 +8,16 @@ request.
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import signal
+import sys
 import socket
 import time
 
 from preloaded import wire
-from preloaded.server import child, stdio
+from preloaded.server import child, hugepages, stdio
 from preloaded.server.peer import Cold
 from preloaded.server.preload import HANDLED
 
@@ -62,6 +64,10 @@ class StandbyPool:
         self.failed = False
         self.last_hand_over = 0.0
         self.last_exit = 0.0
+        self.imports_seen = None  # sizes of the import state when caches were last invalidated
+        # The server's memory into huge pages before the first standby is forked (a standby
+        # forked before pays the small pages' fork and exit), and again after a learned import.
+        self.hugepages = hugepages.Collapser(log)
 
     def hand_over(self, request: dict, fds: list, context: dict | None = None) -> Standby:
         """Send the request and the caller's fds to a standby; return it. A standby that died
@@ -121,6 +127,7 @@ class StandbyPool:
         kept = open_fds().difference(server_fds, (0, 1, 2, theirs.fileno()))
         # A signal reaching the child before it dropped the server's handlers would wake the
         # server's loop through the wakeup pipe they share: blocked until child.park resets them.
+        self._invalidate_import_caches()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = os.fork()
@@ -139,6 +146,25 @@ class StandbyPool:
         self.failed = False
         return Standby(pid, ours, frozenset(kept))
 
+    def _invalidate_import_caches(self) -> None:
+        """A child must find the files as they are at its first import, not as the server's
+        finders listed them: their directory caches are marked stale, in the server, and
+        refilled lazily in the child. Marked here, not in every child (where writing a mark
+        in each finder copied ~400 pages, 1.2 ms of a torch server's run), and again only
+        once the server imported something (its finders may have listed a directory since)."""
+        seen = (len(sys.modules), len(sys.path_importer_cache))
+        if seen != self.imports_seen:
+            importlib.invalidate_caches()
+            self.imports_seen = (len(sys.modules), len(sys.path_importer_cache))
+
+    def idle_turn(self) -> None:
+        """The loop is idle and ``refill_in`` said now: until the server's memory is in huge
+        pages, collapse some of it (see hugepages.py); then fork the next standby."""
+        if self.hugepages.pending():
+            self.hugepages.step()
+        else:
+            self.refill()
+
     def refill(self) -> None:
         """Fork the next standby now: the loop is idle, so that forking delays no run (the run
         just handed over, nor a run arriving). Whether one is wanted, and when, is
@@ -155,6 +181,8 @@ class StandbyPool:
         On a small machine the fork competes with the runs and clients around it: not while a
         run just handed over is still going (for REFILL_AFTER at most), and REFILL_AFTER_EXIT
         after the last run ended."""
+        if self.hugepages.pending():
+            return 0.0
         if len(self.parked) >= self.size or self.failed:
             return None
         if not running:
@@ -166,6 +194,8 @@ class StandbyPool:
         instance), and the next run must get a child forked after that change. The next one is
         forked at the loop's next idle moment (or on demand by the next run)."""
         parked, self.parked = self.parked, []
+        self.imports_seen = None  # a learned import, even a failed one, may have listed dirs
+        self.hugepages.replan()  # and added memory
         for standby in parked:
             self.discard(standby)
         self.failed = False
