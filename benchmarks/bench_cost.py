@@ -2,6 +2,7 @@
 against ``python -S -E -c pass``, for a ~250 MB server and one holding ~700 MB more.
 
     .venv/bin/python benchmarks/bench_cost.py [--quick] [-n RUNS] [--rounds R] [--mb MB]
+                                              [--variants] [--json FILE]
 
 Three commands are measured interleaved, in batches of back-to-back runs: the floor (the
 interpreter itself, ``python -S -E -c pass``), a warm ``-c pass`` of a torch + transformers
@@ -34,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import results  # benchmarks/results.py: --json FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -379,7 +382,10 @@ def main() -> int:
     parser.add_argument("--client", choices=["native", "python"], default="native")
     parser.add_argument("--variants", action="store_true",
                         help="also servers without standby and without huge pages")  # fmt: skip
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the figures (with machine, date, load) to FILE")
     args = parser.parse_args()
+    load = os.getloadavg()
     quick = args.quick
     args.runs = args.runs or (20 if quick else 40)
     args.rounds = args.rounds or (3 if quick else 5)
@@ -396,6 +402,8 @@ def main() -> int:
             subprocess.run([PYTHON, "-m", "preloaded.cli", "stop", "--all"], cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         note(f"measured in {time.perf_counter() - started:.0f} s")
+    if args.json:  # benchmarks/charts.py draws docs/img/cost.svg and growth.svg from it
+        results.save(args.json, "bench_cost", {**res, "mb": args.mb, "client": args.client}, load)
     return 0 if report(res, args) else 1
 
 

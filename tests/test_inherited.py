@@ -283,3 +283,21 @@ def run_both_unchecked(starter: str, case: Case, directory: str) -> tuple:
     from test_differential import _run
 
     return _run(PYTHON, case, directory), _run(starter, case, directory)
+
+
+@pytest.mark.torch  # numpy: in the 3.11 venv only
+def test_W_error_against_numpys_filters(tmp_path):
+    """numpy ignores "numpy.dtype size changed" from its import on: under -W error python
+    still ignores it."""
+    from conftest import make_bundle
+
+    starter = make_bundle(tmp_path / "python-np.bin", "numpy", client="python")
+    code = ("import warnings, numpy; warnings.warn('numpy.dtype size changed, may indicate "
+            "binary incompatibility', RuntimeWarning); print('ignored')")  # fmt: skip
+    try:
+        subprocess.run([starter, "-c", "pass"], check=True, timeout=120, capture_output=True)
+        expected, actual = run_both(starter, Case("np", ["-W", "error", "-c", code]),
+                                    str(tmp_path / "w"))  # fmt: skip
+    finally:
+        cli("stop", starter, check=False)
+    assert actual == expected == (0, b"ignored\n", b"")

@@ -100,6 +100,7 @@ def test_watcher_falls_back_to_mtimes(tmp_path):
     watcher._fall_back("test: inotify_add_watch: No space left on device")
     assert watcher.fileno() is None and "checking their mtimes" in logged[-1]
     assert "No space left on device" in watcher.problem
+    assert "sysctl fs.inotify.max_user_watches" in watcher.problem  # what to do (status shows it)
     assert watcher.changed() is None
     os.utime(module, ns=(0, 10**9))
     assert watcher.changed() == f"{module} changed"

@@ -1327,7 +1327,8 @@ int main(int argc, char **argv) {
             ignored[nignored++] = INHERITABLE[k];
 
     struct out o = {request_buf, 0, sizeof request_buf, 0};
-    if (list_caller_fds() < 0 || build_request(&o, &cmd, argc, argv, cwd, pp, ignored, nignored) < 0)
+    if (list_caller_fds() < 0 ||
+        build_request(&o, &cmd, argc, argv, cwd, pp, ignored, nignored) < 0)
         exec_python(argv);
 
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);

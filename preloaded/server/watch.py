@@ -111,7 +111,9 @@ class Watcher:
         self.names = {}
         self.stamps = {path: _mtime(path) for path in files}
         self.problem = (f"cannot watch the imported files ({why}): checking their mtimes on"
-                        " every run instead (slower warm runs)")  # fmt: skip
+                        " every run instead (slower warm runs). Raise the inotify limits"
+                        " (sysctl fs.inotify.max_user_watches, max_user_instances), then"
+                        " `py-preload stop FILE`: the next run starts a server that watches")  # fmt: skip
         self.log("warning: " + self.problem)
 
     def changed(self) -> str | None:
