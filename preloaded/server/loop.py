@@ -66,7 +66,8 @@ def log(message: str) -> None:
 class Server:
     def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
-        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
+        # startup: what python imports before sys.path[0]; path: the bundle-time directories
+        self.shadows = Shadows(startup, config.get("path"))
         self.paths = Paths(config["bundle"])
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
