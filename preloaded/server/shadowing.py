@@ -65,8 +65,9 @@ class Held:
         for name, (kind, place) in self.where.items() if extra else ():
             # preloaded: py-preload's own machinery, in every child (found through pkg_root,
             # which a checkout's root on the bundle path names too).
-            if kind == "dir" and name != "preloaded" and self.real(os.path.dirname(place)) in extra:
-                self.needs[name] = self.real(os.path.dirname(place))
+            home = self.real(os.path.dirname(place)) if kind == "dir" else None
+            if home in extra and name != "preloaded":
+                self.needs[name] = home
 
     def identity(self, path: str) -> tuple | None:
         """(st_dev, st_ino) of a held module's file or package directory, taken once (if it
