@@ -25,6 +25,10 @@ SHOW = ("import json, decimal, filelock\n"
         "print(json.dumps([1]), decimal.Decimal(1), filelock.__name__)\n")
 LOCAL = "def dumps(x): return 'local json'\n"
 EXTENSION = EXTENSION_SUFFIXES[0]  # name.cpython-3XY-<platform>.so
+# The bundle's standard library json package (the bundle runs this interpreter): a link to it is
+# the server's very own module; a copy of it is other files, though the same text.
+JSON_DIR = subprocess.run([PYTHON, "-c", "import json, os; print(os.path.dirname(json.__file__))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _zip(members: dict) -> bytes:
@@ -70,7 +74,13 @@ CASES = [
           env={"PYTHONPATH": "{d}/nothing:{d}/pp"}), False),
     (Case("pythonpath-sitecustomize", ["-c", SHOW], {"pp/sitecustomize.py": "print('custom')\n"},
           env={"PYTHONPATH": "{d}/pp"}), False),
+    (Case("copy-of-the-held-package", ["{d}/s.py"],
+          {"s.py": SHOW, **{f"json/{n}": open(os.path.join(JSON_DIR, n)).read()
+                            for n in os.listdir(JSON_DIR) if n.endswith(".py")}}), False),
     # Python keeps the server's module in these: warm.
+    (Case("link-to-the-held-package", ["{d}/s.py"], {"s.py": SHOW, "json": Link(JSON_DIR)}), True),
+    (Case("pythonpath-link-to-the-held-package", ["-c", SHOW], {"pp/json": Link(JSON_DIR)},
+          env={"PYTHONPATH": "{d}/pp"}), True),
     (Case("namespace-portion", ["{d}/s.py"], {"s.py": SHOW, "decimal/notes.txt": ""}), True),
     (Case("imported-at-start-up", ["{d}/s.py"], {"s.py": SHOW + "import os\nprint(os.sep)\n",
                                                  "os.py": "sep = 'local'\n"}), True),
@@ -85,7 +95,7 @@ CASES = [
 # The native client only relays the server's answer (warm, or cold: it execs python itself):
 # a case of each kind of directory and answer is enough for it.
 NATIVE = ("stdlib-file", "cwd-with-m", "pythonpath-package", "symlinked-script",
-          "namespace-portion", "imported-at-start-up")  # fmt: skip
+          "namespace-portion", "imported-at-start-up", "link-to-the-held-package")  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["python", "native"])
