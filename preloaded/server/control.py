@@ -18,6 +18,8 @@ def handle(server, conn, frame: dict) -> None:
         conn.reply({"stopping": os.getpid()})
         server._close(conn)
         server.begin_stop(kill_children=True)
+        if server.pytest_link is not None:
+            server.pytest_link.stop()
     elif cmd in ("usage", "evict") and server.budget is not None:
         server.budget.handle(conn, frame)
     elif cmd == "forget":  # running children finish; the next run starts a fresh server

@@ -57,8 +57,13 @@ def warm_up(config: dict, paths, log) -> Warm:
     # needed to import them here, but not part of a child's sys.path, as under python.
     sys.path[0:0] = config.get("path", [])
     baseline = preload.thread_count()
+    hook = _pytest_hook() if config.get("flavour") else None
     warm.import_times, suspects = preload.import_modules(list(config["modules"]), log)
     warm.learner = _preload_learned(config, paths, log)
+    if hook is not None:
+        from preloaded.server import pytestserver
+
+        pytestserver.finish(hook)
     script = config.get("warmup")
     if script:
         from preloaded.server import warmup
@@ -83,6 +88,16 @@ def warm_up(config: dict, paths, log) -> Warm:
     for warning in warm.warnings:
         log("warning: " + warning)
     return warm
+
+
+def _pytest_hook():
+    """The pytest server's state before the bundle's modules (see pytestserver)."""
+    from preloaded.server import pytestserver
+
+    try:
+        return pytestserver.prepare()
+    except Exception as exc:
+        raise ImportError(f"preparing pytest's assertion rewriting failed: {exc!r}") from exc
 
 
 def _preload_learned(config: dict, paths, log) -> learn.Learner:
