@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 
 from preloaded import wire
@@ -87,6 +88,11 @@ class PytestLink:
         """``stop`` of the plain server stops its pytest server too."""
         from preloaded import servers
 
+        if self.pid is not None:  # still importing: no socket to ask on yet
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except OSError:
+                pass
         servers.ask(self.paths.socket, {"cmd": "stop"}, timeout=HAND_OVER_TIMEOUT)
 
     def _server_pid(self) -> int | None:
