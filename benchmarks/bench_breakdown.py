@@ -123,10 +123,30 @@ def main() -> int:
                     time.sleep(PAUSE)
                     phases[name].append(one_run(Paths(bundle).socket, code, envs[name]))
             imports = statistics.median(client_imports(bundles["default"], env) for _ in range(5))
+            check = env_check(bundles["default"], envs["default"])
         finally:
             py_preload(env, "stop", "--all")
     report(walls, phases, imports, args.n, "json" if args.light else "torch + transformers")
+    print(f"  {'env check (%d variables)' % check[0]:<34} {check[1] * 1e6:7.1f} us")
     return 0
+
+
+def env_check(bundle: str, env: dict) -> tuple:
+    """The per-run check of the environment against what the server's imports read
+    (``envdeps.difference``, part of the hand-over), on that server's record, timed here:
+    (variables, seconds per check)."""
+    from preloaded import servers
+    from preloaded.server import envdeps
+
+    read = servers.ask(Paths(bundle).socket, {"cmd": "status"})["env"]["read"]
+    envdeps.RECORD.seen = dict(read)
+    envdeps.RECORD.freeze()
+    assert envdeps.difference(env) is None
+    runs = 2000
+    start = time.perf_counter()
+    for _ in range(runs):
+        envdeps.difference(env)
+    return len(read), (time.perf_counter() - start) / runs
 
 
 def report(walls: dict, phases: dict, imports: float, n: int, what: str) -> None:

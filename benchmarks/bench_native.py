@@ -1,6 +1,9 @@
 """Issue 12's targets, the native client beside the Python one, measured in one run.
 
-    .venv/bin/python benchmarks/bench_native.py [-n ROUNDS] [--cold-runs N]
+    .venv/bin/python benchmarks/bench_native.py [-n ROUNDS] [--cold-runs N] [--json FILE]
+
+--json FILE also writes the figures, the machine, the date and the load average to FILE
+(docs/data/bench_native.json is what benchmarks/charts.py draws from).
 
 Two bundles of torch + transformers (the same modules as bench_targets.py), one written with
 `--client native`, one with `--client python`, each with its own server. Every command runs
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 
+import results
 from bench_targets import MODULES, PYTHON, SCRIPT, cli, concurrent, note, timed
 
 
@@ -128,7 +132,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--rounds", type=int, default=30, help="warm/floor runs (30)")
     parser.add_argument("--cold-runs", type=int, default=5, help="cold runs (5)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args()
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="py-preload-native-") as tmp:
         os.environ["XDG_RUNTIME_DIR"] = os.path.join(tmp, "run")
         os.environ["XDG_CACHE_HOME"] = os.path.join(tmp, "cache")
@@ -137,6 +143,8 @@ def main() -> int:
         started = time.perf_counter()
         res = measure(args, tmp)
         note(f"measured in {time.perf_counter() - started:.0f} s")
+    if args.json:
+        results.save(args.json, "bench_native", res, load)
     return 0 if report(res, args) else 1
 
 

@@ -52,6 +52,15 @@ print(json.dumps({"executable": sys.executable, "missing": missing, "path": extr
 """
 
 
+def require_linux() -> None:
+    """Stop with one line where a server cannot work (see docs/differences.md, Platforms)."""
+    if not sys.platform.startswith("linux"):
+        raise click.ClickException(
+            "py-preload needs Linux (a forked warm server, /proc, SO_PEERCRED, pidfds); "
+            f"this system is {sys.platform}"
+        )
+
+
 def resolve_python(python: str) -> str:
     """The interpreter binary to name in the shebang.
 
@@ -108,16 +117,42 @@ def write_atomic(path: str, data, mode: int) -> None:
         raise click.ClickException(f"cannot write {path}: {exc.strerror}")
 
 
-@click.group()
+def examples(*lines: str) -> str:
+    """An epilog of example command lines, kept as written (click rewraps other paragraphs)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# Help text wraps at the terminal's width up to 100 columns; each command's summary in the
+# list of commands is its short_help, written to fit in 80 columns (click would cut it with "...").
+HELP = {"max_content_width": 100}
+
+
+@click.group(context_settings=HELP, epilog=examples(
+    "py-preload bundle torch transformers -o python-tt.bin",
+    "./python-tt.bin script.py   # first run starts the server; later runs fork",
+    "py-preload status python-tt.bin",
+    "py-preload stop python-tt.bin",
+))  # fmt: skip
 @click.version_option(package_name="py-preload")
 def main() -> None:
-    """Keep heavy Python imports warm: write a drop-in `python` that forks a preloaded server."""
+    """Keep heavy Python imports warm: write a drop-in `python` that forks a preloaded server.
+
+    Linux only. `py-preload COMMAND --help` shows a command's options and examples; the
+    documentation is in docs/ of the source tree.
+    """
 
 
-@main.command()
+@main.command(short_help="Write a starter: a drop-in python with MODULES preloaded.",
+              epilog=examples(
+    "py-preload bundle torch transformers -o python-tt.bin",
+    "py-preload bundle torch --python .venv/bin/python -o python-t.bin",
+    "py-preload bundle -p 'numpy<3' -r requirements.txt -o job.bin",
+))  # fmt: skip
 @click.argument("modules", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Starter file to write (an executable, used like `python`).")
+@click.option("--force", is_flag=True,
+              help="Replace the -o file even if it is not a starter (by default it is refused).")
 @click.option("--python", "python", default=sys.executable, show_default="this interpreter",
               help="Interpreter the starter runs and the server imports into.")
 @click.option("--idle-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
@@ -139,16 +174,21 @@ def main() -> None:
 @click.option("--client", type=click.Choice(["native", "python"]), default=None,
               help="The starter: a compiled client (non-terminal runs skip the interpreter's "
                    "start) or a Python script. Default: native when a C compiler works.")
-def bundle(modules, output, python, idle_timeout, packages, requirement_files, script, warmup,
-           learn_after, no_learn, standby, client) -> None:  # fmt: skip
+def bundle(modules, output, force, python, idle_timeout, packages, requirement_files, script,
+           warmup, learn_after, no_learn, standby, client) -> None:  # fmt: skip
     """Write a starter FILE that runs like python with MODULES preloaded.
 
     Requirements the interpreter lacks are installed with uv by the first run (or ahead of
     time by `py-preload install FILE`) into an overlay shared by bundles with the same set.
     Library modules that runs keep importing are learned: the server imports them too.
     """
+    require_linux()
     if not modules and not script:
         raise click.UsageError("name the MODULES to preload, or pass --script FILE")
+    if not force and os.path.lexists(output) and not_a_starter(output):
+        # `-o .venv/bin/python` once replaced a venv's interpreter without a word.
+        raise click.ClickException(f"{output} exists and is not a py-preload starter; not "
+                                   "replacing it (pass --force to replace it)")  # fmt: skip
     config = plan_bundle(modules, python, idle_timeout, packages, requirement_files, script)
     config.update(learn=not no_learn, learn_after=learn_after, standby=standby)
     if warmup:
@@ -220,7 +260,8 @@ def write_starter(output: str, config: dict, client: str | None = None) -> None:
     write_atomic(output, text, 0o755)
 
 
-@main.command()
+@main.command(short_help="Install what a starter needs now (e.g. in a container build).",
+              epilog=examples("py-preload install job.bin"))
 @click.argument("file", type=click.Path(dir_okay=False))
 def install(file) -> None:
     """Install what the starter FILE needs now (e.g. when building a container image)."""
@@ -239,7 +280,10 @@ def install(file) -> None:
     click.echo(f"{state}: {', '.join(config['requirements'])} in {overlay}", err=True)
 
 
-@main.command(context_settings={"allow_interspersed_args": False})
+@main.command(context_settings={"allow_interspersed_args": False},
+              short_help="Run a script warm, from a bundle kept in the cache.",
+              epilog=examples("py-preload run job.py --epochs 3",
+                              "py-preload run -p 'torch>=2' train.py"))
 @click.option("-p", "--package", "packages", multiple=True, metavar="SPEC",
               help="A requirement (PEP 508) the script needs; repeatable.")
 @click.option("-r", "--requirements", "requirement_files", multiple=True,
@@ -256,6 +300,7 @@ def run(packages, requirement_files, python, script, args) -> None:
     """
     from preloaded.install import runcache
 
+    require_linux()
     try:
         bundle_file = runcache.bundle_for(packages, requirement_files, python, script)
     except OSError as exc:
@@ -267,9 +312,36 @@ def run(packages, requirement_files, python, script, args) -> None:
     os.execv(bundle_file, [bundle_file, script, *args])
 
 
+class _Failure(click.ClickException):
+    """A one-line error with its own exit status (2: bad input, 1: the run failed)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def not_a_starter(file: str) -> str | None:
+    """Why ``file`` is not a starter that ``bundle`` wrote (None when it is one)."""
+    from preloaded.install import installer
+
+    try:
+        installer.starter_config(file)
+    except installer.InstallError as exc:
+        return str(exc)
+    return None
+
+
 def _paths(file: str) -> Paths:
+    """The paths of a starter's server; a FILE that is no starter is bad input (exit 2),
+    whether it is missing, a directory, damaged or another program."""
+    again = "name a starter written by `py-preload bundle`"
+    if not os.path.lexists(file):
+        raise _Failure(f"{file}: no such file; {again}", 2)
     if not os.path.isfile(file):
-        raise click.ClickException(f"{file} is not a file; pass a starter written by bundle")
+        raise _Failure(f"{file} is not a file; {again}", 2)
+    if not_a_starter(file):
+        raise _Failure(f"{file} is not a py-preload starter (damaged, or another program); "
+                       f"write it again with `py-preload bundle MODULES -o {file}`", 2)  # fmt: skip
     try:
         return Paths(file)
     except (UnsafeDirectory, OSError) as exc:
@@ -307,11 +379,43 @@ def _format_status(st: dict) -> str:
         f"children:  {len(st['children'])} running",
         "standby:   " + _format_standbys(st.get("standbys") or []),
         f"memory:    RSS {mb(server.get('rss'))}, PSS {mb(server.get('pss'))}",
-        f"stale:     {st['stale'] or 'no'}",
+        "stale:     " + (f"{st['stale']} (the next run starts a fresh server)" if st["stale"]
+                         else "no"),
     ]
     lines += _format_learning(st)
-    lines += [f"warning:   {w}" for w in st["warnings"]]
+    lines += _format_env(st.get("env"))
+    lines += [_wrapped("warning:   ", w) for w in st["warnings"]]
     return "\n".join(lines)
+
+
+def _format_env(env: dict | None) -> list:
+    """The variables the imports read: those set with their values, the unset ones by prefix
+    (a run whose values differ runs cold)."""
+    if not env:
+        return []
+    read = env["read"]
+    unset = sorted(name for name, value in read.items() if value is None)
+    groups: dict = {}
+    for name in unset:
+        groups.setdefault(name.split("_")[0], []).append(name)
+    shown = [names[0] if len(names) == 1 else f"{prefix}_* ({len(names)})"
+             for prefix, names in groups.items()]  # fmt: skip
+    lines = [f"env:       depends on {len(read)} variable(s) read at import"
+             " (a run with other values runs cold)"]  # fmt: skip
+    lines += [f"  {name}={value}" for name, value in sorted(read.items()) if value is not None]
+    if unset:
+        lines.append(_wrapped("  unset: ", ", ".join(shown)))
+    lines += [f"  every {prefix}* variable (listed at import)" for prefix in env["prefixes"]]
+    lines += [f"  every variable: {where} lists the whole environment" for where in env["whole"]]
+    return lines
+
+
+def _wrapped(label: str, text: str) -> str:
+    """A long status line, wrapped and indented under its label."""
+    import textwrap
+
+    return textwrap.fill(text, 100, initial_indent=label, subsequent_indent=" " * len(label),
+                         break_on_hyphens=False, break_long_words=False)  # fmt: skip
 
 
 def _format_learning(st: dict) -> list:
@@ -336,7 +440,8 @@ def _format_learning(st: dict) -> list:
     return lines
 
 
-@main.command()
+@main.command(short_help="Show a server: modules, runs, memory, warnings.",
+              epilog=examples("py-preload status python-tt.bin", "py-preload status --json"))
 @click.argument("file", required=False, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(file, as_json) -> None:
@@ -361,7 +466,8 @@ def status(file, as_json) -> None:
         click.echo("\n\n".join(_format_status(st) for st in results))
 
 
-@main.command()
+@main.command(short_help="Stop the server of a starter, or all of yours.",
+              epilog=examples("py-preload stop python-tt.bin", "py-preload stop --all"))
 @click.argument("file", required=False, type=click.Path())
 @click.option("--all", "stop_all", is_flag=True, help="Stop every server of this user.")
 def stop(file, stop_all) -> None:
@@ -392,7 +498,8 @@ def _wait_gone(pid: int, timeout: float = 5.0) -> None:
         proc.kill()
 
 
-@main.command()
+@main.command(short_help="Forget the modules a server learned; it restarts.",
+              epilog=examples("py-preload forget python-tt.bin"))
 @click.argument("file", type=click.Path())
 def forget(file) -> None:
     """Forget the modules FILE's server learned (and refused); its next run starts afresh."""
@@ -410,15 +517,11 @@ def forget(file) -> None:
     click.echo(f"forgot the learned modules of {file} ({state})", err=True)
 
 
-class _Failure(click.ClickException):
-    """A one-line error with its own exit status (2: bad input, 1: the run failed)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@main.command()
+@main.command(short_help="Time a command cold (python) and warm (the starter).",
+              epilog=examples(
+    "py-preload bench python-tt.bin -- examples/tiny_bert.py",
+    "py-preload bench python-tt.bin --readiness http://localhost:8000/ -- app.py",
+))  # fmt: skip
 @click.argument("file", type=click.Path())
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("-n", "--runs", type=click.IntRange(min=1), default=5, show_default=True,
@@ -442,7 +545,8 @@ def bench(file, command, runs, readiness, as_json, timeout) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else benchmark.format_table(result))
 
 
-@main.command(name="list")
+@main.command(name="list", short_help="List your servers: pid, memory, last use, starter.",
+              epilog=examples("py-preload list", "PY_PRELOAD_MEMORY_BUDGET=8G py-preload list"))
 def list_() -> None:
     """List running servers: pid, memory (PSS, with parked standbys), last use, bundle file."""
     from preloaded.server import budget
@@ -489,7 +593,8 @@ def _last_use(usage: dict) -> str:
     return f"{ago:.0f} s ago"
 
 
-@main.command()
+@main.command(short_help="Print the end of a server's log.",
+              epilog=examples("py-preload logs python-tt.bin", "py-preload logs -n 200 python-tt.bin"))
 @click.argument("file", type=click.Path())
 @click.option("-n", "--lines", default=50, show_default=True, help="How many lines to show.")
 def logs(file, lines) -> None:
@@ -503,12 +608,19 @@ def logs(file, lines) -> None:
     click.echo("".join(text), nl=False)
 
 
-@main.group()
+@main.group(short_help="Jupyter kernels that run warm (install, list, remove).",
+            epilog=examples(
+    'py-preload kernel install python-tt.bin --display-name "Python (warm torch)"',
+    "py-preload kernel list",
+    "py-preload kernel remove py-preload-python-tt",
+))  # fmt: skip
 def kernel() -> None:
     """Jupyter kernels that run warm: a kernelspec whose interpreter is a starter FILE."""
 
 
-@kernel.command(name="install")
+@kernel.command(name="install", short_help="Install a kernelspec that starts a warm kernel.",
+                epilog=examples("py-preload kernel install python-tt.bin",
+                                "py-preload kernel install python-tt.bin --sys-prefix"))
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--name", help="Kernel name (default: py-preload-<file name>).")
 @click.option("--display-name", help="Name shown by Jupyter (default: Python (warm: MODULES)).")
@@ -538,7 +650,8 @@ def kernel_install(file, name, display_name, where, prefix) -> None:
     click.echo(f"installed kernel {name} in {directory}", err=True)
 
 
-@kernel.command(name="list")
+@kernel.command(name="list", short_help="List the py-preload kernels Jupyter finds.",
+                epilog=examples("py-preload kernel list"))
 def kernel_list() -> None:
     """List the py-preload kernels Jupyter finds: name, starter, kernelspec directory."""
     from preloaded import kernel as kernels
@@ -554,7 +667,8 @@ def kernel_list() -> None:
         click.echo(f"{name}  {starter}{missing}  {directory}")
 
 
-@kernel.command(name="remove")
+@kernel.command(name="remove", short_help="Remove a py-preload kernel.",
+                epilog=examples("py-preload kernel remove py-preload-python-tt"))
 @click.argument("name")
 def kernel_remove(name) -> None:
     """Remove the py-preload kernel NAME (other kernels are left to `jupyter kernelspec`)."""

@@ -9,6 +9,7 @@ can only come from the overlay.
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import shutil
@@ -154,6 +155,7 @@ class Index:
         self.stall = threading.Event()
         self.stalled = threading.Event()  # a download is hanging now
         self.release = threading.Event()
+        self.delay = 0.0  # seconds each wheel download waits before it is sent
         index = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -191,6 +193,8 @@ class Index:
         handler.send_header("Content-Type", kind)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
+        if kind != "text/html":
+            time.sleep(self.delay)
         if kind == "text/html" or not self.stall.is_set():
             handler.wfile.write(data)
             return
@@ -501,6 +505,81 @@ def test_terminal_progress_and_ctrl_c(tmp_path, env, plain_python, index):
         assert child.exitstatus == 0
     finally:
         child.close(force=True)
+
+
+def test_terminal_progress_is_drawn_only_when_it_changes(tmp_path, env, plain_python, index):
+    """On a terminal the install line is redrawn when its text changes, never the same text
+    again, and its seconds are whole seconds elapsed. Guards against a line rewritten every
+    tick with the same text (35 writes in 2 s were recorded) and "1 s" shown before
+    "in 0.7 s"."""
+    import io
+
+    import pexpect
+
+    e = online(env, index)
+    starter = tmp_path / "p.bin"
+    bundle(e, starter, "ovl_pkg", "-p", "ovl-pkg", "--python", plain_python)
+    index.delay = 0.6  # each of the two wheels: the install takes more than a second
+    screen = io.BytesIO()
+    child = pexpect.spawn(str(starter), ["-c", USE], env=e, timeout=60, dimensions=(24, 80))
+    child.logfile_read = screen
+    try:
+        child.expect(r"installed 2 package\(s\), \d+ MB, in ([\d.]+) s")
+        took = float(child.match.group(1))
+        child.expect("answer 42")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    draws = [d.split(b"\r\n")[0] for d in screen.getvalue().split(b"\r\x1b[K")[1:]]
+    draws = [d.decode() for d in draws if d]
+    installing = [d for d in draws if d.startswith("py-preload: installing ovl-pkg:")]
+    assert len(installing) >= 2, draws  # 0 s, 1 s, ... while uv works
+    assert all(a != b for a, b in zip(draws, draws[1:])), draws
+    seconds = [int(d.rsplit(", ", 1)[1].removesuffix(" s")) for d in installing]
+    assert seconds == sorted(seconds) and seconds[-1] <= took, (seconds, took)
+
+
+def test_progress_counts_what_uv_reports_as_it_comes(tmp_path):
+    """The line follows uv's own report as uv writes it (read with pread, as uv shares the
+    file's offset): resolving, then packages to fetch with the MB of large downloads, then
+    the packages in place. Guards against a line stuck at "0 package(s), 0 MB" until the end.
+    The report is uv 0.13's, as it writes it when stderr is a file."""
+    from preloaded.install.installer import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    report_lines = ["Using CPython 3.11.7 interpreter at: /venv/bin/python",
+                    "Resolved 9 packages in 352ms", "Downloading pygments (1.2MiB)",
+                    "Downloading torch (180.5MiB)", " Downloaded pygments",
+                    " Downloaded torch", "Prepared 9 packages in 1.00s"]  # fmt: skip
+    target = tmp_path / "target"
+    target.mkdir()
+    screen = Terminal()
+    progress = Progress(screen, ["torch", "rich"])
+    shown = []
+    with open(tmp_path / "uv.err", "w+") as report:
+        progress.start(report.fileno())
+        for line in [None, *report_lines]:
+            if line is not None:
+                report.write(line + "\n")
+                report.flush()
+            if line and line.startswith("Prepared"):
+                (target / "rich-15.0.0.dist-info").mkdir()
+                (target / "rich.py").write_bytes(b"x" * 3_000_000)
+                progress.last_walk = 0.0  # the walk is rate-limited to every 0.5 s
+            progress.tick(str(target))
+            shown.append(progress.shown.split(": ", 2)[2].rsplit(", ", 1)[0])
+        assert report.tell() == sum(len(line) + 1 for line in report_lines)  # offset untouched
+    assert shown == [
+        "resolving", "resolving", "9 package(s) to fetch",
+        "9 package(s) to fetch, downloaded 0 of 1 MB in large files (0 of 1)",
+        "9 package(s) to fetch, downloaded 0 of 191 MB in large files (0 of 2)",
+        "9 package(s) to fetch, downloaded 1 of 191 MB in large files (1 of 2)",
+        "9 package(s) to fetch, downloaded 191 of 191 MB in large files (2 of 2)",
+        "1 of 9 package(s) in place, 3 MB",
+    ]
 
 
 def test_requirement_parsing_units(tmp_path):

@@ -293,7 +293,7 @@ def test_background_read_stops_the_run_until_fg(shell, starter, tmp_path, how, r
 
 
 # Ends only once the test says so: a warm run is stopped just after its first write reached
-# the PTY, not inside it (see README, Known differences), so it must not be done by then.
+# the PTY, not inside it (see docs/differences.md), so it must not be done by then.
 TOSTOP = """\
 import os, sys, time
 with open(sys.argv[1] + ".tmp", "w") as f:

@@ -84,8 +84,9 @@ def small_venv(directory, requirements: tuple) -> str:
     subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
                    timeout=60)  # fmt: skip
     python = str(directory / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
     todo, seen = list(requirements), set()
     while todo:
         name = todo.pop()
@@ -208,7 +209,8 @@ def test_console_script_cache_and_an_edited_test_file(anyio_bundles, small_pytho
     assert "1 failed, 4 passed" in expected.stdout and set(taken.values()) == {1}
     with open(project / "test_a.py", "a", encoding="utf-8") as f:
         f.write("\n\ndef test_new():\n    assert 1 + 1 == 3\n")
-    expected, taken = compare_all(anyio_bundles, ["-m", "pytest", "-q", "--lf"], project, small_python)
+    args = ["-m", "pytest", "-q", "--lf"]
+    expected, taken = compare_all(anyio_bundles, args, project, small_python)
     assert "failed" in expected.stdout and set(taken.values()) == {1}
 
 

@@ -2,8 +2,8 @@
 
 Real servers, real forks, real PTYs, real users (via setpriv); every wait has a deadline. Each
 test that kills, breaks or counts servers uses its own bundle (or its own runtime directory),
-so that it never disturbs the servers other tests use. Figures in the README's "Reliability"
-section come from these tests (``-s`` prints them).
+so that it never disturbs the servers other tests use. Figures in docs/reliability.md come from
+these tests (``-s`` prints them).
 
 What is already covered elsewhere and not repeated here: 20 concurrent first runs, malformed
 frames of most kinds, a failing import, a thread-starting or CUDA-initialising preload
@@ -470,7 +470,8 @@ def test_unusable_log_keeps_the_server_serving(private_env, tmp_path, how):
     assert (proc.returncode, proc.stdout, proc.stderr) == (4, "out ['f']\n", "err\n")
     st = json.loads(cli("status", "--json", bundle, env=private_env).stdout)
     expected_warning = "cannot write the log" if how == "disk-full" else "cannot open the log"
-    assert any(expected_warning in w for w in st["warnings"]), st["warnings"]
+    warning = next(w for w in st["warnings"] if expected_warning in w)
+    assert "Runs are not affected" in warning and "py-preload stop FILE" in warning
     assert expected_warning in cli("status", bundle, env=private_env).stdout
     with connect(st["socket"]) as sock:  # a bad request makes the server log once more
         send_with_fds(sock, struct.pack(">I", 5) + b"{bad}", 3)

@@ -270,7 +270,7 @@ static int env_is_cold(void) {
         return 1;
     for (size_t k = 0; k < COUNT(COLD_ENV); k++) {
         v = env_get(COLD_ENV[k]);
-        if (v && *v && !(strcmp(COLD_ENV[k], "PYTHONHASHSEED") == 0 && strcmp(v, "random") == 0))
+        if (v && *v) /* PYTHONHASHSEED=random too: a fork keeps the server's hash secret */
             return 1;
     }
     v = env_get("PYTHONIOENCODING");

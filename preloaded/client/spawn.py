@@ -34,9 +34,11 @@ def server_env(env) -> dict:
 def server_argv(config: dict, bundle: str) -> list:
     import json
 
+    # The modules python imports while starting, before sys.path[0] exists: no local file
+    # shadows those (see server/shadowing.py). Taken first, before py-preload's own imports.
     boot = (
-        "import sys; sys.path.append(sys.argv.pop(1)); "
-        "from preloaded.server.loop import main; main()"
+        "import sys; s = frozenset(sys.modules); sys.path.append(sys.argv.pop(1)); "
+        "from preloaded.server.loop import main; main(s)"
     )
     payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})
     return [config["python"], "-c", boot, config["pkg_root"], payload]
@@ -139,20 +141,26 @@ def _wait_ready(proc, paths, note):
 
 
 class _Progress:
-    """A one-line note on stderr while the modules import; only when stderr is a terminal."""
+    """A one-line note on stderr while the modules import; only when stderr is a terminal.
+
+    Ticked every few ms while waiting for the server: drawn only when its text changes (whole
+    seconds elapsed, never rounded up)."""
 
     def __init__(self, config: dict) -> None:
-        self.shown = False
+        self.shown = ""
         self.started = time.monotonic()
         self.enabled = os.isatty(2)
         self.text = "py-preload: warming " + ", ".join(config["modules"])
 
     def tick(self) -> None:
-        if self.enabled and time.monotonic() - self.started > 0.2:
-            elapsed = time.monotonic() - self.started
-            sys.stderr.write(f"\r\x1b[K{self.text} ({elapsed:.0f} s)")
+        elapsed = time.monotonic() - self.started
+        if not self.enabled or elapsed <= 0.2:
+            return
+        line = f"{self.text} ({int(elapsed)} s)"
+        if line != self.shown:
+            sys.stderr.write(f"\r\x1b[K{line}")
             sys.stderr.flush()
-            self.shown = True
+            self.shown = line
 
     def clear(self) -> None:
         if self.shown:

@@ -111,9 +111,7 @@ def env_cold_reason(env) -> str | None:
     if env.get("PY_PRELOAD_COLD", "") not in ("", "0"):
         return "PY_PRELOAD_COLD is set"
     for name in COLD_ENV:
-        if env.get(name):
-            if name == "PYTHONHASHSEED" and env[name] == "random":
-                continue
+        if env.get(name):  # PYTHONHASHSEED=random too: a fork keeps the server's hash secret
             return f"{name} is set"
     encoding = env.get("PYTHONIOENCODING", "").partition(":")[0]
     if encoding:
@@ -181,6 +179,10 @@ def main(config: dict) -> None:
     if overlay:  # installed packages: the child's and a cold run's PYTHONPATH (no stat here)
         os.environ["PYTHONPATH"] = with_overlay(os.environ.get("PYTHONPATH", ""), overlay)
     if cmd.cold or env_cold_reason(os.environ):
+        exec_cold(python, args, config)
+    if not sys.platform.startswith("linux"):
+        # A starter is a drop-in python: where the server cannot work, python still can.
+        warn(f"the server needs Linux, not {sys.platform}; running without it")
         exec_cold(python, args, config)
     from preloaded.client import run
     from preloaded.client.connection import Fallback

@@ -300,7 +300,7 @@ def _run_uv(target: str, requirements: list, python: str, progress) -> None:
         except OSError as exc:
             names = ", ".join(requirements)
             raise InstallError(f"py-preload: cannot run uv to install {names}: {exc}") from None
-        progress.start()
+        progress.start(err.fileno())
         try:
             while proc.poll() is None:
                 progress.tick(target)
@@ -356,26 +356,43 @@ def _name_of(requirement: str) -> str:
 
 
 class Progress:
-    """On a terminal, one updating line (packages, bytes, seconds); else one line per phase."""
+    """On a terminal, one line saying what uv is doing, redrawn only when its text changes;
+    otherwise one line at the start and one at the end.
+
+    uv reports its phases on stderr (a file here, so it draws no bars of its own): "Resolved N
+    packages", "Downloading NAME (SIZE)" and " Downloaded NAME" for large files, "Prepared",
+    "Installed". The line follows that report as it grows, then counts what has landed in the
+    target directory; the seconds shown are whole seconds elapsed, never rounded up.
+    """
 
     def __init__(self, stream, requirements: list) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.requirements = requirements
         self.started = 0.0
+        self.report = UvReport()
+        self.report_fd = -1
+        self.shown = ""
         self.last_walk = 0.0
+        self.landed = (0, 0)
 
-    def start(self) -> None:
+    def start(self, report_fd: int = -1) -> None:
         self.started = time.monotonic()
+        self.report_fd = report_fd
         self._write(f"py-preload: installing {', '.join(self.requirements)} with uv", self.tty)
 
     def tick(self, target: str) -> None:
+        if not self.tty:
+            return
+        if self.report_fd >= 0:
+            self.report.read(self.report_fd)
         now = time.monotonic()
-        if self.tty and now - self.last_walk >= 0.5:
+        if self.report.prepared and now - self.last_walk >= 0.5:  # uv is linking into target
             self.last_walk = now
-            count, size = measure(target)
-            line = (f"py-preload: installing {', '.join(self.requirements)}: {count} "
-                    f"package(s), {size / 1e6:.0f} MB, {now - self.started:.0f} s")  # fmt: skip
+            self.landed = measure(target)
+        line = (f"py-preload: installing {', '.join(self.requirements)}: "
+                f"{self.report.state(*self.landed)}, {int(now - self.started)} s")  # fmt: skip
+        if line != self.shown:
             self._write(line, True)
 
     def done(self, target: str, ok: bool) -> None:
@@ -386,16 +403,75 @@ class Progress:
                         f"in {time.monotonic() - self.started:.1f} s", False)  # fmt: skip
 
     def clear(self) -> None:
-        if self.tty:
+        if self.tty and self.shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+            self.shown = ""
 
     def _write(self, line: str, transient: bool) -> None:
         if transient:
             self.stream.write("\r\x1b[K" + line)
+            self.shown = line
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_REPORT = re.compile(r"^(?:Resolved (?P<resolved>\d+) packages?"
+                     r"|Downloading (?P<name>\S+) \((?P<size>[\d.]+)(?P<unit>[KMG]?i?B)\)"
+                     r"|\s*Downloaded (?P<got>\S+)"
+                     r"|Prepared (?P<prepared>\d+) packages?)")  # fmt: skip
+
+
+class UvReport:
+    """What uv's stderr said so far (read with pread: uv shares the file's offset)."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.partial = ""
+        self.resolved = 0
+        self.prepared = 0
+        self.downloads: dict = {}  # name -> bytes, for the files uv reports downloading
+        self.downloaded: set = set()
+
+    def read(self, fd: int) -> None:
+        try:
+            data = os.pread(fd, 1 << 16, self.offset)
+        except OSError:
+            return
+        self.offset += len(data)
+        text = self.partial + data.decode("utf-8", "replace")
+        *lines, self.partial = text.split("\n")
+        for line in lines:
+            self.feed(line)
+
+    def feed(self, line: str) -> None:
+        m = _REPORT.match(line)
+        if not m:
+            return
+        if m["resolved"]:
+            self.resolved = int(m["resolved"])
+        elif m["name"]:
+            self.downloads[m["name"]] = float(m["size"]) * _UNITS.get(m["unit"], 1)
+        elif m["got"]:
+            self.downloaded.add(m["got"])
+        elif m["prepared"]:
+            self.prepared = int(m["prepared"])
+
+    def state(self, landed: int = 0, landed_bytes: int = 0) -> str:
+        """The phase in words, with the counts known so far."""
+        if self.prepared:
+            return (f"{landed} of {self.prepared} package(s) in place, "
+                    f"{landed_bytes / 1e6:.0f} MB")  # fmt: skip
+        if not self.resolved:
+            return "resolving"
+        words = f"{self.resolved} package(s) to fetch"
+        if self.downloads:
+            got = sum(size for name, size in self.downloads.items() if name in self.downloaded)
+            words += (f", downloaded {got / 1e6:.0f} of {sum(self.downloads.values()) / 1e6:.0f}"
+                      f" MB in large files ({len(self.downloaded)} of {len(self.downloads)})")
+        return words
 
 
 def measure(target: str) -> tuple:

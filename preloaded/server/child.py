@@ -19,7 +19,7 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import become, fastexit, learn, preload, proctitle, stdio
+from preloaded.server import become, envdeps, fastexit, learn, preload, proctitle, stdio
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 GO = {"go": True}  # the server's last frame to a standby: the run may start
@@ -161,6 +161,7 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     env = request["env"]
     os.environ.clear()
     os.environ.update(env)
+    envdeps.follow_tz(env)
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     sys.argv = list(request["argv"])

@@ -20,10 +20,11 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, pytestserver, startup, tools
+from preloaded.server import budget, control, envdeps, pytestserver, startup, tools
 from preloaded.server.pytestlink import PytestLink
 from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
+from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
 from preloaded.server.peer import Cold, Peer, credentials
 from preloaded.server.staleness import Stamps
@@ -52,13 +53,18 @@ def log(message: str) -> None:
         os.write(2, line.encode("utf-8", "backslashreplace"))
     except OSError as exc:
         if not LOG_PROBLEMS:
-            LOG_PROBLEMS.append(f"cannot write the log: {exc.strerror}; the server keeps serving")
+            LOG_PROBLEMS.append(
+                f"cannot write the log: {exc.strerror}. Runs are not affected, but the log misses"
+                " why runs went cold; make room for it (`py-preload logs FILE` shows where),"
+                " then `py-preload stop FILE`"
+            )
 
 
 class Server:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
         self.flavour = config.get("flavour", "")  # "pytest": the pytest server (pytestserver)
+        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
         self.paths = Paths(config["bundle"], flavour=self.flavour)
         self.pytest_link = None if self.flavour else PytestLink(config, log)
         self.modules = list(config["modules"])
@@ -123,8 +129,7 @@ class Server:
             "modules": self.modules, "import_times": self.import_times,
             "warnings": self.warnings, "started": self.started, "socket": self.paths.socket,
             "log": self.paths.log, "idle_timeout": self.idle_timeout,
-            "learned": list(self.learner.learned) if self.learner else [],
-            "flavour": self.flavour,
+            "learned": list(self.learner.learned) if self.learner else [], "flavour": self.flavour,
         }  # fmt: skip
         tmp = f"{self.paths.info}.{os.getpid()}.tmp"  # a retiring predecessor may write too
         with open(tmp, "w", encoding="utf-8") as f:
@@ -139,6 +144,7 @@ class Server:
         for signum in HANDLED:
             signal.signal(signum, lambda s, f: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -167,7 +173,8 @@ class Server:
         turn: a client that comes waits for one)."""
         if not self._can_learn():
             return
-        outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
+        with envdeps.recording():  # a learned import reads the environment too
+            outcome = self.learner.step(self._own_fds() + self.pool.channel_fds(), self.sel)
         if outcome == "unsafe":
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
@@ -176,6 +183,7 @@ class Server:
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
             self.child_setup.known = frozenset(sys.modules)
+            self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             if not self.learner.busy():
                 self.write_info()
@@ -301,10 +309,9 @@ class Server:
         if isinstance(frame, dict) and "cmd" in frame:
             control.handle(self, conn, frame)
             return
-        if self.flavour and isinstance(frame, dict) and "adopt" in frame:
-            conn, frame = _adopt(self, conn, frame)
-            if conn is None:
-                return
+        conn, frame = _adopt(self, conn, frame) if self.flavour else (conn, frame)
+        if conn is None:  # a hand-over from the plain server that was not one
+            return
         try:
             validate_request(frame, len(conn.fds))
         except BadRequest as exc:
@@ -332,7 +339,7 @@ class Server:
             "socket": self.paths.socket, "log": self.paths.log,
             "learn": self.learner.status() if self.learner else None,
             "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
-            "last_used": self.last_used, "flavour": self.flavour,
+            "last_used": self.last_used, "env": envdeps.summary(), "flavour": self.flavour,
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
@@ -371,6 +378,7 @@ class Server:
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
         fds.extend(self.lock_fds)
+        fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
         return fds
 
@@ -382,9 +390,8 @@ class Server:
                 return
             if pid == 0:
                 return
-            if self.pool.died(pid, status):
-                continue
-            if self.pytest_link is not None and self.pytest_link.reaped(pid, status):
+            link = self.pytest_link
+            if self.pool.died(pid, status) or link is not None and link.reaped(pid, status):
                 continue
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
@@ -466,7 +473,9 @@ def _sent_elsewhere(server: Server, conn: Conn, request: dict) -> bool:
     if reason is not None:
         tools.send_cold(conn, reason, log)
         return True
-    return GATE.sent_back_cold(conn, request, log)
+    return (GATE.sent_back_cold(conn, request, log)
+            or server.shadows.sent_back_cold(conn, request, server.child_setup.known, log)
+            or envdeps.GATE.sent_back_cold(conn, request, log, server.begin_stop))
 
 
 def _route(server: Server, conn: Conn, request: dict) -> tuple:
@@ -487,9 +496,12 @@ def _all_modules(server: Server) -> list:
     return server.modules + [name for name in learned if name not in server.modules]
 
 
-def _adopt(server: Server, courier: Conn, frame: dict) -> tuple:
+def _adopt(server: Server, courier: Conn, frame) -> tuple:
     """A run the plain server handed over: the client's connection (the first fd) and its
-    stdio, then its request. (None, None) when the frame is not one."""
+    stdio, then its request. (None, None) when the frame is not a good one; other frames are
+    left as they are."""
+    if not (isinstance(frame, dict) and "adopt" in frame):
+        return courier, frame
     fds, courier.fds = courier.fds, []
     server._close(courier)
     request = frame.get("adopt")
@@ -510,6 +522,7 @@ def _adopt(server: Server, courier: Conn, frame: dict) -> tuple:
     server.conns[sock.fileno()] = conn
     server.sel.register(sock, selectors.EVENT_READ, server._handle_readable)
     return conn, request
+
 
 
 def _drain_backlog(listener, retry: dict) -> None:
@@ -560,7 +573,10 @@ def _open_log(path: str) -> None:
         if os.fstat(fd).st_size > 4 << 20:
             os.ftruncate(fd, 0)
     except OSError as exc:
-        LOG_PROBLEMS.append(f"cannot open the log {path}: {exc.strerror}; logging to nowhere")
+        LOG_PROBLEMS.append(
+            f"cannot open the log {path}: {exc.strerror}. Runs are not affected, but nothing is"
+            " logged; make that path writable, then `py-preload stop FILE`"
+        )
         fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -577,10 +593,12 @@ def _write_failure(paths: Paths, message: str) -> None:
         pass
 
 
-def main() -> None:
+def main(startup: frozenset | None = None) -> None:
+    """``startup``: the modules the interpreter had before the boot imported anything (see
+    spawn.server_argv): what python imports before ``sys.path[0]`` is set."""
     config = json.loads(sys.argv[1])
     os.chdir("/")
-    server = Server(config)
+    server = Server(config, startup)
     _open_log(server.paths.log)
     if not server.acquire_lock():
         sys.exit(ALREADY_RUNNING)

@@ -91,14 +91,23 @@ def import_modules(modules, log) -> tuple:
 
 
 def thread_warnings(suspects, baseline: int) -> list:
-    """Warnings for threads still alive after settling (torch starts one that soon ends)."""
+    """Warnings for threads still alive after settling (torch starts one that soon ends):
+    what it means for the runs, and what to do (`py-preload status` shows them)."""
     if thread_count() <= baseline:
         return []
     return [
-        f"importing {name} started {count} thread(s); they do not survive fork"
-        " and can deadlock children"
+        f"importing {name} started {count} thread(s) that still run in the server. Warm runs"
+        " do not have them (a fork copies only the thread that forks), which most programs"
+        " never notice; one that waits on such a thread would hang. If a warm run hangs, run it"
+        f" with PY_PRELOAD_COLD=1 and {_thread_remedy(name)}"
         for name, count in suspects
     ]
+
+
+def _thread_remedy(name: str) -> str:
+    if name.startswith("the warm-up "):
+        return "end the thread before the warm-up returns, or start it in the program"
+    return f"leave {name} out of the bundle"
 
 
 def settle() -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from preloaded.server import child, learn, preload
+from preloaded.server import child, envdeps, learn, preload
 from preloaded.server.staleness import Stamps
 
 LOCK_WAIT = 5.0  # a new server waits this long for a retiring one (lost socket) to let go
@@ -57,21 +57,22 @@ def warm_up(config: dict, paths, log) -> Warm:
     # needed to import them here, but not part of a child's sys.path, as under python.
     sys.path[0:0] = config.get("path", [])
     baseline = preload.thread_count()
-    hook = _pytest_hook() if config.get("flavour") else None
-    warm.import_times, suspects = preload.import_modules(list(config["modules"]), log)
-    warm.learner = _preload_learned(config, paths, log)
-    if hook is not None:
-        from preloaded.server import pytestserver
+    with envdeps.recording():  # what the warm state depends on: checked on every run
+        hook = _pytest_hook() if config.get("flavour") else None
+        warm.import_times, suspects = preload.import_modules(list(config["modules"]), log)
+        warm.learner = _preload_learned(config, paths, log)
+        if hook is not None:
+            from preloaded.server import pytestserver
 
-        pytestserver.finish(hook)
-    script = config.get("warmup")
-    if script:
-        from preloaded.server import warmup
+            pytestserver.finish(hook)
+        script = config.get("warmup")
+        if script:
+            from preloaded.server import warmup
 
-        before = preload.thread_count()
-        warm.warmup_time = warmup.run(script, log)
-        if preload.thread_count() > before:
-            suspects.append((f"the warm-up {script}", preload.thread_count() - before))
+            before = preload.thread_count()
+            warm.warmup_time = warmup.run(script, log)
+            if preload.thread_count() > before:
+                suspects.append((f"the warm-up {script}", preload.thread_count() - before))
     stdout = sys.__stdout__
     setup = warm.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
     # What each child needs to report the library modules it imported.
@@ -82,11 +83,13 @@ def warm_up(config: dict, paths, log) -> Warm:
     site = (overlay,) if overlay else ()  # removed or replaced: the server retires
     files = (script,) if script else ()  # an edited warm-up makes the server stale
     own = (config["pkg_root"],)
-    warm.stamps = Stamps.collect(config["bundle"], sys.executable, site, files, own)
+    warm.stamps = Stamps.collect(config["bundle"], sys.executable, site, files, own, log)
     preload.settle()
     warm.warnings = preload.thread_warnings(suspects, baseline)
     for warning in warm.warnings:
         log("warning: " + warning)
+    if warm.stamps.watcher is not None and warm.stamps.watcher.problem:  # logged already
+        warm.warnings.append(warm.stamps.watcher.problem)
     return warm
 
 
