@@ -33,6 +33,21 @@ os.environ.pop("PY_PRELOAD_MEMORY_BUDGET", None)
 os.environ["PY_PRELOAD_LOW_MEMORY"] = "off"
 
 
+def _default_dispositions() -> None:
+    """The suite's processes (python's oracle runs, starters, servers) start with the default
+    dispositions however the suite itself was started: `nohup bin/test` ignores SIGHUP, and a
+    script's `bin/test &` SIGINT and SIGQUIT, which every child would inherit (python keeps
+    them ignored, so would the warm runs). A test that needs one ignored says so itself."""
+    for signum in (signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_default_dispositions()
+
+
 def cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     """Run the py-preload CLI (this checkout) with the session's environment."""
     proc = subprocess.run([PYTHON, "-m", "preloaded.cli", *args], capture_output=True,

@@ -205,11 +205,26 @@ time.sleep(600)
 """
 
 
+def _dispositions(hup: str):
+    """What Jupyter's kernels inherit: SIGHUP as ``hup`` says (`nohup jupyter lab &` ignores it),
+    the rest at their defaults whatever this test run was started with."""
+    import signal
+
+    def preexec() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if hup == "nohup" else signal.SIG_DFL)
+
+    return preexec
+
+
+@pytest.mark.parametrize("hup", ["plain", "nohup"])
 @pytest.mark.parametrize("client", ["native", "python", "python's own kernel"])
-def test_kernel_ends_when_jupyter_dies(jupyter_dir, tmp_path, client):
+def test_kernel_ends_when_jupyter_dies(jupyter_dir, tmp_path, client, hup):
     """Guards python's behaviour when Jupyter is killed: ipykernel watches its parent (the
     JPY_PARENT_PID) and exits. A warm kernel's parent is the server, so the starter keeps that
-    watch for it; without it, kernel and starter lived on forever after a Jupyter crash."""
+    watch for it (a pidfd of its parent); without it, kernel and starter lived on forever after
+    a Jupyter crash. Also under `nohup jupyter`, where a SIGHUP-based watch did nothing."""
     import signal
     import subprocess
 
@@ -224,7 +239,8 @@ def test_kernel_ends_when_jupyter_dies(jupyter_dir, tmp_path, client):
         path = bundle(tmp_path / f"python-{client}.bin", "--client", client)
         cli("kernel", "install", path, "--name", "plain")
     jupyter = subprocess.Popen([PYTHON, "-c", JUPYTER, "plain"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+                               stderr=subprocess.DEVNULL, text=True,
+                               preexec_fn=_dispositions(hup))  # fmt: skip
     pids = []
     try:
         line = jupyter.stdout.readline()

@@ -75,14 +75,26 @@ def read_status(sock, reader):
 def _buffered_status(reader):
     try:
         for frame in reader.frames():
-            if "exit" in frame:
+            if "parent_signal" in frame:
+                signal_parent(frame["parent_signal"])
+            elif "exit" in frame:
                 return ("exit", frame["exit"])
-            if "signal" in frame:
+            elif "signal" in frame:
                 return ("signal", frame["signal"])
-            if "error" in frame:
+            elif "error" in frame:
                 os.write(2, f"py-preload: {frame['error']}\n".encode())
                 return ("exit", 1)
     except wire.ProtocolError as exc:
         os.write(2, f"py-preload: bad reply from the server: {exc}\n".encode())
         return ("exit", 1)
     return None
+
+
+def signal_parent(signum) -> None:
+    """The program signalled its parent (the server, as the kernel sees it): python's parent
+    would have been ours, so the signal goes there (see server/sigfd.py)."""
+    if type(signum) is int and 0 < signum < 65:
+        try:
+            os.kill(os.getppid(), signum)
+        except OSError:
+            pass  # as the program's own kill would have failed

@@ -23,7 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 #ifdef __linux__
-#include <sys/prctl.h>
+#include <sys/syscall.h>
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434 /* Linux 5.3, the same number on every architecture */
+#endif
 #endif
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -640,8 +643,8 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, cold;
-    long long exit, signal;
+    int started, has_exit, has_signal, has_error, cold, has_parent_signal;
+    long long exit, signal, parent_signal;
     char error[1024];
 };
 
@@ -859,24 +862,27 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                            : strcmp(key, "signal") == 0 ? &r->has_signal
                            : strcmp(key, "error") == 0  ? &r->has_error
                            : strcmp(key, "cold") == 0   ? &r->cold
-                                                        : NULL;
+                           : strcmp(key, "parent_signal") == 0 ? &r->has_parent_signal
+                                                               : NULL;
+            long long *number = present == &r->has_exit     ? &r->exit
+                                : present == &r->has_signal ? &r->signal
+                                : present == &r->has_parent_signal ? &r->parent_signal
+                                                                   : NULL;
             if (present)
                 *present = 1;
             if (present == &r->has_error && s.p < s.end && *s.p == '"') {
                 if (scan_string(&s, r->error, sizeof r->error) < 0)
                     return -1;
-            } else if ((present == &r->has_exit || present == &r->has_signal) && s.p < s.end &&
-                       (*s.p == '-' || (*s.p >= '0' && *s.p <= '9'))) {
+            } else if (number && s.p < s.end && (*s.p == '-' || (*s.p >= '0' && *s.p <= '9'))) {
                 int integer;
-                if (scan_number(&s, present == &r->has_exit ? &r->exit : &r->signal,
-                                &integer) < 0)
+                if (scan_number(&s, number, &integer) < 0)
                     return -1;
                 if (!integer)
                     *present = 2; /* not an int: a bad reply */
             } else {
                 if (skip_value(&s, 0) < 0)
                     return -1;
-                if (present == &r->has_exit || present == &r->has_signal)
+                if (number)
                     *present = 2;
                 if (present == &r->has_error)
                     snprintf(r->error, sizeof r->error, "%.*s", (int)(s.p - value), value);
@@ -943,6 +949,7 @@ static ssize_t fill(int sock) {
 /* ---- signals (preloaded/client/signals.py) ----------------------------------------------- */
 
 static int wake_pipe[2] = {-1, -1};
+static int parent_fd = -1; /* a Jupyter kernel's launcher, watched (follow_jupyter) */
 static struct sigaction previous[65];
 /* The client's handlers: FORWARDED, then Ctrl-Z and SIGCONT (forwarded as well). */
 static const int CAUGHT[] = {SIGINT,  SIGTERM, SIGHUP,  SIGQUIT,
@@ -1040,6 +1047,12 @@ static void act_on_frames(void) {
     char why[128];
     int rc;
     while ((rc = next_frame(&r, why, sizeof why)) == 1) {
+        /* The program signalled its parent (the server, as the kernel sees it): python's
+         * parent would have been ours (connection.py signal_parent). */
+        if (r.has_parent_signal == 1 && r.parent_signal > 0 && r.parent_signal < 65) {
+            kill(getppid(), (int)r.parent_signal);
+            continue;
+        }
         if (r.has_exit == 1)
             _exit((int)((unsigned long long)r.exit & 0xFF));
         if (r.has_signal == 1)
@@ -1057,13 +1070,16 @@ static void act_on_frames(void) {
 static void wait_for_status(int sock) {
     for (;;) {
         act_on_frames();
-        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
-                                {.fd = wake_pipe[0], .events = POLLIN}};
-        if (poll(fds, 2, -1) < 0) {
+        struct pollfd fds[3] = {{.fd = sock, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN},
+                                {.fd = parent_fd, .events = POLLIN}}; /* -1: not watched */
+        if (poll(fds, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
             fail("lost the server during the run", "");
         }
+        if (fds[2].revents)
+            _exit(1); /* ipykernel's os._exit(1); the server then ends the child (run.py) */
         if (fds[1].revents) {
             unsigned char signums[64];
             ssize_t n = read(wake_pipe[0], signums, sizeof signums);
@@ -1095,10 +1111,11 @@ static char request_buf[4 + MAX_FRAME + 1];
 
 /* A Jupyter kernel ends when the process that launched it dies: ipykernel polls getppid()
    against JPY_PARENT_PID. A warm kernel's parent is the server, so this client (the process
-   Jupyter launched) keeps that watch, as starter.py's follow_jupyter does: SIGHUP when its
-   parent dies, which it forwards to the kernel. Only when JPY_PARENT_PID is our parent (a
-   process a notebook starts inherits the variable but has another parent). The setting
-   survives exec, so a cold kernel is covered too. */
+   Jupyter launched) keeps that watch, on a pidfd of its parent, as starter.py's follow_jupyter
+   does (whatever Jupyter's signal dispositions): wait_for_status ends the run when it becomes
+   readable. Only when JPY_PARENT_PID is our parent (a process a notebook starts inherits the
+   variable but has another parent). The pidfd is close-on-exec: the Python starter or a cold
+   kernel (python's own ipykernel) watch for themselves. */
 static void follow_jupyter(void) {
 #ifdef __linux__
     const char *jupyter = getenv("JPY_PARENT_PID");
@@ -1106,11 +1123,13 @@ static void follow_jupyter(void) {
     snprintf(parent, sizeof parent, "%ld", (long)getppid());
     if (!jupyter || strcmp(jupyter, parent) != 0) /* the same string, as starter.py compares */
         return;
-    if (prctl(PR_SET_PDEATHSIG, SIGHUP) != 0)
-        return;
+    int fd = (int)syscall(SYS_pidfd_open, (pid_t)getppid(), 0);
+    if (fd < 0)
+        return; /* no pidfd (Linux < 5.3): the kernel outlives Jupyter */
     snprintf(parent, sizeof parent, "%ld", (long)getppid());
     if (strcmp(jupyter, parent) != 0)
         _exit(1); /* gone before the watch was set: as ipykernel's poller would */
+    parent_fd = fd;
 #endif
 }
 

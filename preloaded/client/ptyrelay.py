@@ -152,22 +152,23 @@ class PtyRelay:
         char = attrs[6][termios.VSUSP]
         return char if char not in (b"\0", 0) else None
 
-    def run(self, sock, reader, wakeup_fd, child_pid=None):
-        """Relay until the child's status arrives; return it. The terminal is restored after."""
+    def run(self, sock, reader, wakeup_fd, child_pid=None, parent_fd=None):
+        """Relay until the child's status arrives; return it. The terminal is restored after.
+        When ``parent_fd`` (a pidfd, see run.PARENT_FD) is readable: ("exit", 1)."""
         self.sock, self.child_pid = sock, child_pid
         try:
-            return self._loop(sock, reader, wakeup_fd)
+            return self._loop(sock, reader, wakeup_fd, parent_fd)
         finally:
             self.close()
 
-    def _loop(self, sock, reader, wakeup_fd):
+    def _loop(self, sock, reader, wakeup_fd, parent_fd):
         sock_fd = sock.fileno()
         os.set_blocking(self.master, False)
         to_child = b""
         reading_input = self.term_in is not None
         master_open = True
         while True:
-            rlist = [sock_fd, wakeup_fd]
+            rlist = [sock_fd, wakeup_fd] + ([parent_fd] if parent_fd is not None else [])
             if master_open:
                 rlist.append(self.master)
             if self.raw and reading_input and len(to_child) < CHUNK:
@@ -179,6 +180,8 @@ class PtyRelay:
                 ready, writable, _ = select.select(rlist, wlist, [], timeout)
             except InterruptedError:
                 continue
+            if parent_fd in ready:
+                return ("exit", 1)
             if self.master in ready:
                 master_open = self._pump_output()
             if wakeup_fd in ready:

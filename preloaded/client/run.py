@@ -14,6 +14,11 @@ from preloaded.client.connection import Fallback, connect, hand_over, read_statu
 from preloaded.client.signals import Signals, ignored_signals, suspend
 from preloaded.paths import Paths, UnsafeDirectory
 
+# A pidfd of the process whose end ends the run, as ipykernel's poller ends python's kernel
+# (starter.follow_jupyter); None when nothing is watched.
+PARENT_FD: int | None = None
+PARENT_GONE = ("exit", 1)  # ipykernel's os._exit(1); the server then ends the child
+
 
 def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> dict:
     """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
@@ -123,7 +128,7 @@ def _wait(sock, reader, relay, wakeup_fd, child_pid, ignored: list):
     """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
     try:
         if relay:
-            return relay.run(sock, reader, wakeup_fd, child_pid)
+            return relay.run(sock, reader, wakeup_fd, child_pid, PARENT_FD)
         return _wait_pipes(sock, reader, wakeup_fd, ignored)
     finally:
         sock.close()
@@ -133,8 +138,11 @@ def _wait_pipes(sock, reader, wakeup_fd, ignored: list):
     import select
 
     sock_fd = sock.fileno()
+    rlist = [sock_fd, wakeup_fd] + ([PARENT_FD] if PARENT_FD is not None else [])
     while True:
-        ready, _, _ = select.select([sock_fd, wakeup_fd], [], [])
+        ready, _, _ = select.select(rlist, [], [])
+        if PARENT_FD in ready:
+            return PARENT_GONE
         if wakeup_fd in ready:
             for signum in os.read(wakeup_fd, 64):
                 if signum == _signal.SIGTSTP and signum not in ignored:

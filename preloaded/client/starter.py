@@ -153,19 +153,22 @@ def warn(message: str) -> None:
 def follow_jupyter(jupyter: str) -> None:
     """A Jupyter kernel ends when the process that launched it dies: ipykernel polls getppid()
     against JPY_PARENT_PID. A warm kernel's parent is the server, so the starter (the process
-    Jupyter launched) keeps that watch: SIGHUP when its parent dies, which it forwards to the
-    kernel. Only when JPY_PARENT_PID is our parent: a process a notebook starts inherits the
-    variable but has another parent. Survives exec: a cold kernel is covered too."""
+    Jupyter launched) keeps that watch, on a pidfd of its parent (whatever Jupyter's signal
+    dispositions: a SIGHUP-based watch did nothing under `nohup jupyter`): when it ends, so
+    does the run (run.py). Only when JPY_PARENT_PID is our parent: a process a notebook starts
+    inherits the variable but has another parent. A cold kernel is python's own (the pidfd is
+    close-on-exec): its ipykernel watches for itself."""
     if jupyter != str(os.getppid()):
         return
     try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, 1, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGHUP (Linux)
-    except (OSError, AttributeError):
-        return
+        fd = os.pidfd_open(int(jupyter))
+    except (OSError, AttributeError, ValueError):
+        return  # no pidfd (Linux < 5.3): the kernel outlives Jupyter, as it did before
     if jupyter != str(os.getppid()):
         os._exit(1)  # gone before the watch was set: as ipykernel's poller would
+    from preloaded.client import run
+
+    run.PARENT_FD = fd
 
 
 def main(config: dict) -> None:

@@ -153,6 +153,7 @@ def _reset_process(sigmask=None) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as python does at start-up
     if sigmask is not None:  # a signal sent since the fork acts now, as on a process starting
         signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, preload.HANDLED)  # the server keeps them blocked
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()  # own session and process group: signals can reach the whole job
 

@@ -20,9 +20,8 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, envdeps, pytestserver, startup, tools
+from preloaded.server import budget, control, envdeps, pytestserver, sigfd, startup, tools
 from preloaded.server.pytestlink import PytestLink
-from preloaded.server.preload import HANDLED
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
@@ -39,8 +38,13 @@ FORWARDABLE = {int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, si
                                 signal.SIGTSTP, signal.SIGWINCH)}  # fmt: skip
 # What a run that arrives while the server stops is told: the client retries with a new server.
 RETRY = {"error": "stale", "reason": "the server is stopping"}
+# A client cannot tell a signal sent to its process group (timeout, `kill -- -PGID`, a terminal)
+# from one sent to it alone: these go to the run's whole group, so that nothing python's group
+# would have lost is left running. SIGUSR1/SIGUSR2 (rarely a group's, and fatal by default to a
+# program's helpers) reach the program alone.
 GROUP_SIGNALS = {int(signal.SIGINT), int(signal.SIGQUIT), int(signal.SIGSTOP),
-                 int(signal.SIGCONT), int(signal.SIGTSTP)}  # fmt: skip
+                 int(signal.SIGCONT), int(signal.SIGTSTP), int(signal.SIGTERM),
+                 int(signal.SIGHUP)}  # fmt: skip
 
 
 LOG_PROBLEMS: list = []  # why the log cannot be written (disk full, ...): shown by status
@@ -85,6 +89,7 @@ class Server:
         self.budget: budget.ServerBudget | None = None  # set once listening (main)
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
+        self.sigfd: int | None = None  # the server's signals with their senders (sigfd.py)
         self.child_setup = None
         self.learner = None  # preloaded.learn.Learner, made by preload()
         self.warmup_time: float | None = None
@@ -138,12 +143,8 @@ class Server:
         os.replace(tmp, self.paths.info)
 
     def install_signals(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for signum in HANDLED:
-            signal.signal(signum, lambda s, f: None)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, self._handle_wakeup)
+        self.sigfd = sigfd.install(self.sel, (self.wake_r, self.wake_w), self._handle_wakeup,
+                                   self.children, log)  # a run's signal to its parent: relayed
         self.stamps.register(self.sel, log)  # an edit in place is seen between runs too
 
     # -- the loop ---------------------------------------------------------------------------
@@ -372,6 +373,7 @@ class Server:
 
     def _own_fds(self) -> list:
         fds = [self.wake_r, self.wake_w, self.sel.fileno()]
+        fds.extend([self.sigfd] if self.sigfd is not None else [])
         if self.listener is not None:
             fds.append(self.listener.fileno())
         fds.extend(self.conns)

@@ -10,11 +10,12 @@ import signal
 import sys
 import time
 
-# The server's own handlers. They stay blocked across fork: a signal reaching a child before it
-# reset them would go through the server's wakeup pipe (shared after fork) and stop the server
-# (seen when a client hangs up right after its request: its child gets SIGHUP at once). A
-# learned import must leave them as they are.
-HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The server's own signals. The server keeps them blocked and reads them with their sender from
+# a signalfd (see sigfd.py): those a run sends to its parent are relayed to the caller's parent.
+# A fork unblocks them once it has left the server (child.park). A learned import must leave
+# their handlers as they are.
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+           signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)  # fmt: skip
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 try:
