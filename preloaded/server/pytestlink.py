@@ -30,9 +30,9 @@ class PytestLink:
         a child of that server: the controller, whose sys.executable is the starter.)"""
         if not is_worker(request) or peer is None:
             return False
-        server = self._server_pid()
         parent = _ppid(peer.pid)
-        return server is not None and parent is not None and _ppid(parent) == server
+        server = _ppid(parent) if parent is not None else None
+        return server is not None and self._is_pytest_server(server)
 
     def hand_over(self, conn, request: dict, modules: list) -> str | None:
         """Give the run's connection to the pytest server: None once done, else why the run
@@ -43,7 +43,7 @@ class PytestLink:
             sock.connect(self.paths.socket)
         except OSError:
             sock.close()
-            return self._start(modules)
+            return self._start(modules, request["env"])
         try:
             wire.send(sock, {"v": 1, "adopt": request}, [conn.sock.fileno()] + conn.fds)
         except OSError as exc:
@@ -52,20 +52,22 @@ class PytestLink:
             sock.close()
         return None
 
-    def _start(self, modules: list) -> str:
+    def _start(self, modules: list, env: dict) -> str:
+        """Start the pytest server in the environment of the run that asks for it, as a first
+        run starts a plain server (its imports read the environment: see envdeps)."""
         if self.failed:
             return self.failed
         if self.pid is not None:
             return "the pytest server is starting"
         import subprocess
 
-        from preloaded.client.spawn import server_argv
+        from preloaded.client.spawn import server_argv, server_env
 
         config = dict(self.config, flavour=FLAVOUR, modules=modules)
         try:
             proc = subprocess.Popen(server_argv(config, config["bundle"]), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
-                                    start_new_session=True)  # fmt: skip
+                                    env=server_env(env), start_new_session=True)  # fmt: skip
         except OSError as exc:
             return f"cannot start the pytest server: {exc.strerror}"
         self.pid = proc.pid
@@ -95,12 +97,17 @@ class PytestLink:
                 pass
         servers.ask(self.paths.socket, {"cmd": "stop"}, timeout=HAND_OVER_TIMEOUT)
 
-    def _server_pid(self) -> int | None:
+    def _is_pytest_server(self, pid: int) -> bool:
+        """Is ``pid`` a pytest server of this bundle (serving or retiring: a worker of a run it
+        started must not run here, where pytest would warn)?"""
         try:
-            with open(self.paths.info, encoding="utf-8") as f:
-                return int(json.load(f)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            config = json.loads(argv[-2] if argv[-1] == b"" else argv[-1])
+        except (OSError, ValueError, IndexError):
+            return False
+        return isinstance(config, dict) and config.get("flavour") == FLAVOUR and \
+            config.get("bundle") == self.config["bundle"]  # fmt: skip
 
 
 def _ppid(pid: int) -> int | None:

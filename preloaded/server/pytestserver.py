@@ -46,19 +46,41 @@ _XDIST = re.compile(r"(?:^|\s)(?:-n\s*\S|--numprocesses|--tx|-d\b|--dist)")
 
 def prepare():
     """Steps 1 and 2 above: return the installed hook (before the bundle's modules import)."""
+    import importlib
+
     import pytest  # noqa: F401  (first, as in every pytest run)
     from _pytest.assertion import install_importhook
-    from _pytest.config import get_config
+    from _pytest.config import default_plugins, get_config
 
-    config = get_config()
-    # The ini values the rewriting depends on, as pytest's defaults (a project that sets
-    # them is not sent here: tools.route).
-    config._inicache.update(python_files=list(DEFAULT_FILES), enable_assertion_pass_hook=False)
-    global _HOOK
-    _HOOK = hook = install_importhook(config)
-    config._mark_plugins_for_rewrite(hook, False)
+    for name in default_plugins:  # what get_config imports: their imports' reads are recorded
+        importlib.import_module(f"_pytest.{name}")
+    with _unrecorded():
+        config = get_config()
+        # The ini values the rewriting depends on, as pytest's defaults (a project that sets
+        # them is not sent here: tools.route).
+        config._inicache.update(python_files=list(DEFAULT_FILES),
+                                enable_assertion_pass_hook=False)  # fmt: skip
+        global _HOOK
+        _HOOK = hook = install_importhook(config)
+        config._mark_plugins_for_rewrite(hook, False)
     _load_plugins()
     return hook
+
+
+@contextlib.contextmanager
+def _unrecorded():
+    """Reads of the environment by the making of this server's own Config (the terminal's size,
+    the locale, PYTEST_DEBUG): not state any child inherits (each run's pytest makes its own
+    Config and reads them itself), so no dependency of the warm state (envdeps)."""
+    classes = [(env, env.__class__) for env in (os.environ, getattr(os, "environb", None))
+               if env is not None]  # fmt: skip
+    for env, _cls in classes:
+        env.__class__ = os._Environ  # type: ignore[attr-defined]  # not the recorder
+    try:
+        yield
+    finally:
+        for env, cls in classes:
+            env.__class__ = cls
 
 
 def _load_plugins() -> None:
