@@ -2,9 +2,10 @@
 
 Each case runs the same real program with the bundle's python and with a starter and compares
 exit status, stdout and stderr (timings in pytest's summary line aside). Where a warm run cannot
-be exact (pytest with a plugin module already in the server, coverage, which must see the
-program from the interpreter's start) the server sends the run back to be run cold, and says
-why in its log: the comparison with python must hold either way.
+be exact (coverage, which must see the program from the interpreter's start) the server sends
+the run back to be run cold, and says why in its log; pytest with a plugin module in the server
+goes to the bundle's pytest server (test_pytest_warm.py). The comparison with python must hold
+either way.
 """
 
 from __future__ import annotations

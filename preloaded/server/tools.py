@@ -9,13 +9,15 @@ can, because what they do depends on what is already in ``sys.modules`` when the
   session fails before any test runs. Under python those modules are imported later, through
   pytest's rewriting hook. Dropping them from ``sys.modules`` would not help: the server's other
   modules hold the old ones (anyio's classes, imported by transformers, would exist twice).
+  Such a run goes to the bundle's pytest server, whose state was built through that hook
+  (``pytestserver``), unless a setting it was not built for says cold (``route``).
 - coverage (``-m coverage``, ``--cov`` of pytest-cov, ``COVERAGE_PROCESS_START``) measures
   code as it is executed: the module-level code of the server's modules ran before it started,
   and coverage's own check of already imported modules crashes on torch (``torch.ops``).
 - cProfile, profile and trace see the imports of python's run, not of a warm one.
 
-Such a run goes cold (python itself runs it) and the server logs why. A pytest run whose
-plugins and tools are all absent from the server stays warm: that one is exactly python's.
+The others go cold (python itself runs them) and the server logs why. A pytest run whose
+plugins and tools are all absent from the server stays warm here: that one is exactly python's.
 Learning (``learn.py``) never takes one of these modules either (``never_learned``).
 """
 
