@@ -69,7 +69,7 @@ def test_python_in_a_test():
 
 def norm(text: str) -> str:
     """Timings aside; xdist's progress characters come in the order the workers finish."""
-    text = re.sub(r" in \d+\.\d+s", " in N s", text)
+    text = re.sub(r" in \d+\.\d+s( \(\d+:\d\d:\d\d\))?", " in N s", text)
     return re.sub(r"^([.FEsx]+)(\s+\[)", lambda m: "".join(sorted(m[1])) + m[2], text, flags=re.M)
 
 
