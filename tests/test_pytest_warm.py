@@ -68,8 +68,9 @@ def test_python_in_a_test():
 
 
 def norm(text: str) -> str:
-    """Timings aside; xdist's progress characters come in the order the workers finish."""
+    """Timings aside; under xdist, the order the workers finish in and which one ran what."""
     text = re.sub(r" in \d+\.\d+s( \(\d+:\d\d:\d\d\))?", " in N s", text)
+    text = re.sub(r"^\[gw\d+\] ", "[gw] ", text, flags=re.M)  # which worker ran the failure
     return re.sub(r"^([.FEsx]+)(\s+\[)", lambda m: "".join(sorted(m[1])) + m[2], text, flags=re.M)
 
 
