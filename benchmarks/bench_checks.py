@@ -1,4 +1,4 @@
-"""The per-run checks of issue 18 parts 2 and 3, timed in a process holding torch+transformers.
+"""The per-run checks of issue 18 parts 2-5, timed in a process holding torch+transformers.
 
 The shadowing check (the run's own directories against the held modules: a stat per directory,
 a cached listing) and the staleness check (a few stats, then a non-blocking read of the inotify
@@ -63,8 +63,24 @@ def main() -> None:
             ("staleness before (stats only)", old.changed, f" ({len(old.stamps)} stats)")]
     for label, func, note in rows:
         print(f"{label + ':':32} {per_call_us(func, n):6.1f} us{note}")
+    _fds_and_flags(n)
     new.watcher.close()
 
+
+def _fds_and_flags(n: int) -> None:
+    """Issue 18 parts 4 and 5: the client's listing of the caller's fds (every run), and the
+    child's sys.flags (every run: a comparison; a write only for -B/-i/-q) and -W filters (only
+    with -W or PYTHONWARNINGS)."""
+    from preloaded.client.run import caller_fds
+    from preloaded.server import startflags
+
+    flags = {"u": False, "B": False, "i": False, "q": False, "W": []}
+    rows = [("caller's fds (client)", caller_fds),
+            ("sys.flags, as the server's", lambda: startflags.set_flags(flags, {})),
+            ("sys.flags, one written", lambda: startflags._set_flag("quiet", 1)),
+            ("-W error behind the libraries'", lambda: startflags.install_warnoptions(["error"]))]
+    for label, func in rows:
+        print(f"{label + ':':32} {per_call_us(func, n):6.1f} us")
 
 if __name__ == "__main__":
     main()

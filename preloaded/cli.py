@@ -467,20 +467,28 @@ def status(file, as_json) -> None:
 
 
 @main.command(short_help="Stop the server of a starter, or all of yours.",
-              epilog=examples("py-preload stop python-tt.bin", "py-preload stop --all"))
+              epilog=examples("py-preload stop python-tt.bin", "py-preload stop --all",
+                              "py-preload stop --now python-tt.bin"))
 @click.argument("file", required=False, type=click.Path())
 @click.option("--all", "stop_all", is_flag=True, help="Stop every server of this user.")
-def stop(file, stop_all) -> None:
-    """Stop the server of FILE (running children are ended), or all with --all."""
+@click.option("--now", is_flag=True, help="End the programs they are running (SIGHUP).")
+def stop(file, stop_all, now) -> None:
+    """Stop the server of FILE, or all with --all: no new runs; running programs finish and the
+    server exits after the last (at once with --now, which ends them)."""
     if bool(file) == stop_all:
         raise click.UsageError("name a starter FILE or pass --all")
     sockets = [_paths(file).socket] if file else [i["socket"] for i in servers.listed()]
     stopped = 0
     for path in sockets:
-        reply = servers.ask(path, {"cmd": "stop"})
+        reply = servers.ask(path, {"cmd": "stop", "now": now})
         if reply and "stopping" in reply:
-            _wait_gone(reply["stopping"])
             stopped += 1
+            runs = reply.get("runs")
+            if runs:  # a training run started hours ago must not end because of a stop
+                click.echo(f"server {reply['stopping']} exits after its {runs} running "
+                           f"program(s) end (`stop --now` ends them)", err=True)  # fmt: skip
+            else:
+                _wait_gone(reply["stopping"])
     if file and not stopped:
         raise click.ClickException(f"no server is running for {file}")
     click.echo(f"stopped {stopped} server(s)", err=True)

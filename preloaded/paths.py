@@ -56,16 +56,20 @@ def cache_dir() -> str:
 def bundle_key(bundle_path: str) -> str:
     """A short stable name for the server of one bundle file.
 
-    The locale's encodings are part of the key: a child inherits the server's filesystem
-    encoding and locale, which python fixes at start-up, so callers with another locale get a
-    server of their own.
+    The locale's encodings and python's UTF-8 mode are part of the key: a child inherits the
+    server's filesystem encoding, locale and ``sys.flags.utf8_mode``, which python fixes at
+    start-up, so callers with another locale get a server of their own. (``LANG=C`` is coerced
+    to C.UTF-8, the encoding of a UTF-8 locale, but python runs in UTF-8 mode there.)
     """
     import _locale
     import sys
 
     getencoding = getattr(_locale, "getencoding", None)  # 3.11+
     encoding = getencoding() if getencoding else _locale.nl_langinfo(_locale.CODESET)
-    text = "\0".join([os.path.realpath(bundle_path), sys.getfilesystemencoding(), encoding])
+    parts = [os.path.realpath(bundle_path), sys.getfilesystemencoding(), encoding]
+    if sys.flags.utf8_mode:  # the C or POSIX locale (PEP 540): python runs in UTF-8 mode
+        parts.append("utf8")
+    text = "\0".join(parts)
     return _fnv1a64(text.encode("utf-8", "surrogateescape"))
 
 
@@ -75,6 +79,12 @@ def _fnv1a64(data: bytes) -> str:
     for byte in data:
         h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return f"{h:016x}"
+
+
+def exit_file(socket_path: str, keeper: int, pid: int) -> str:
+    """Where a server's keeper writes the exit status of a run the server left running (see
+    server/keeper.py), for the run's client to read: next to the server's socket."""
+    return f"{socket_path.removesuffix('.sock')}.exit.{keeper}.{pid}"
 
 
 class Paths:

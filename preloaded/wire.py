@@ -14,7 +14,10 @@ import _struct
 
 HEADER = _struct.Struct(">I")
 MAX_FRAME = 1 << 20  # 1 MiB: a request carries argv and the environment, nothing bulky
-MAX_FDS = 3  # stdin, stdout, stderr (or the PTY slave in their place)
+# stdin, stdout, stderr (or the PTY slave in their place), then every other fd the caller holds.
+# The kernel's SCM_MAX_FD: one message carries at most this many, and a request is one message
+# (a caller holding more runs cold: see client/fds.py).
+MAX_FDS = 253
 FD_SIZE = _struct.calcsize("i")
 
 

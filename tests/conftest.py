@@ -187,7 +187,7 @@ def serving(path) -> bool:
 
 def pytest_sessionfinish(session, exitstatus):
     pids = server_pids()
-    cli("stop", "--all", check=False)
+    cli("stop", "--all", "--now", check=False)
     import time
 
     import psutil

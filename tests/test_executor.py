@@ -440,7 +440,7 @@ def test_torch_tensor_result(torch_bundle):
     assert results[1][0].shape == (2, 3) and results[1][1] is True
 
 
-def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd):
+def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd, monkeypatch):
     """Guards against a bundle written by an older py-preload (its server's package has no
     worker module) giving a ConnectionResetError or a hang instead of a dead worker whose
     stderr says why."""
@@ -455,6 +455,9 @@ def test_server_without_the_executor_is_a_clear_worker_death(tmp_path, capfd):
     bundle = str(tmp_path / "old.bin")
     subprocess.run([PYTHON, "-m", "preloaded.cli", "bundle", "json", "-o", bundle], cwd=old,
                    check=True, capture_output=True, timeout=TIMEOUT)  # fmt: skip
+    # Not from this checkout: its preloaded/ (worker.py and all) is other files than the old
+    # server's, which python would import from the cwd: such a task rightly goes cold.
+    monkeypatch.chdir(tmp_path)
     with Executor(bundle, max_workers=1) as ex:
         error = ex.submit(len, "x").exception(TIMEOUT)
     assert isinstance(error, WorkerDied) and error.exitcode == 1

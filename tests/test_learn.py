@@ -182,8 +182,9 @@ def test_user_code_is_never_learned(light, tmp_path):
 
 
 def test_module_from_a_venv_site_packages_is_learned(tmp_path, venv):
-    """Guards learning from site-packages (not only the standard library)."""
-    python, _site = venv
+    """Guards learning from site-packages (not only the standard library), and that the
+    learned module's file is watched: edited in place, the next run gets the edit."""
+    python, site = venv
     install(venv, "libpkg", "VALUE = 42\n")
     path = bundle(tmp_path / "python-venv.bin", python=python)
     try:
@@ -191,6 +192,9 @@ def test_module_from_a_venv_site_packages_is_learned(tmp_path, venv):
             assert ok(run(path, "-c", "import libpkg; print(libpkg.VALUE)")) == "42\n"
         wait_until(lambda: "libpkg" in learned(path), "libpkg to be learned")
         assert in_server(path, "libpkg")
+        with open(os.path.join(site, "libpkg.py"), "w", encoding="utf-8") as f:
+            f.write("VALUE = 4242\n")  # in place: site-packages' own mtime stays
+        assert ok(run(path, "-c", "import libpkg; print(libpkg.VALUE)")) == "4242\n"
     finally:
         cli("stop", path, check=False)
 

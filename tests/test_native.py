@@ -344,35 +344,6 @@ def _ready(proc) -> int:
     return int(line.split()[1])
 
 
-@pytest.mark.parametrize("client", ["python", "native"])
-def test_server_killed_mid_run(tmp_path, client):
-    """The server dies while a run waits: the client says so and exits 1, like the Python
-    client (the orphaned child is the test's to clean up)."""
-    path = tmp_path / f"python-kill-{client}.bin"
-    if client == "native":
-        bundle = native_only(path, "json")
-    else:
-        bundle = make_bundle(path, "json", client="python")
-        run(bundle, ["-c", "pass"], check=True)
-    server = json.loads(cli("status", "--json", bundle).stdout)["pid"]
-    code = "import os, time\nprint('ready', os.getpid(), flush=True)\ntime.sleep(5)\n"
-    proc = subprocess.Popen([bundle, "-c", code], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    child = _ready(proc)
-    try:
-        os.kill(server, signal.SIGKILL)
-        status = proc.wait(TIMEOUT)
-    finally:
-        proc.kill()
-        for pid in (child, server):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert status == 1
-    assert proc.stderr.read() == b"py-preload: lost the server during the run\n"
-
-
 def test_terminal_runs_go_through_the_python_starter(native_bundle):
     pexpect = pytest.importorskip("pexpect")
     from test_differential import server_runs

@@ -55,11 +55,13 @@ def wait_until(predicate, timeout: float, what: str):
 
 def server_processes(bundle: str) -> list:
     """Live server processes of ``bundle``, found by their command line (their children, the
-    parked standby among them, have the same one: they are left out)."""
+    parked standby among them, and their parent, the keeper, have the same one: they are left
+    out)."""
     found = {}
-    for proc in psutil.process_iter(["cmdline", "ppid"]):
+    for proc in psutil.process_iter(["cmdline", "ppid", "name"]):
         cmdline = proc.info["cmdline"] or []
-        if any("preloaded.server.loop" in a for a in cmdline) and any(bundle in a for a in cmdline):
+        if (any("preloaded.server." in a for a in cmdline) and any(bundle in a for a in cmdline)
+                and proc.info["name"] != "py-preload-keep"):
             found[proc.pid] = proc.info["ppid"]
     return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
@@ -279,7 +281,10 @@ BAD = {
     "not an object": (frame([1, 2]), 3, "not an object"),
     "not UTF-8": (struct.pack(">I", 2) + b"\xff\xfe", 3, "UTF-8"),
     "four fds": (frame(GOOD), 4, "got 4"),
-    "too many fds": (frame(GOOD), 6, "too many file descriptors"),
+    "too many fds": (frame(GOOD), 6, "expected 3 file descriptors, got 6"),
+    "fds not listed": (frame({**GOOD, "fds": [3, 4]}), 4, "expected 5 file descriptors, got 4"),
+    "fds at stdio": (frame({**GOOD, "fds": [2]}), 4, "fds must list descriptor numbers above 2"),
+    "fds twice": (frame({**GOOD, "fds": [7, 7]}), 5, "fds lists a descriptor twice"),
     "zero fds": (frame(GOOD), 0, "got 0"),
 }
 

@@ -25,6 +25,22 @@ SHOW = ("import json, decimal, filelock\n"
         "print(json.dumps([1]), decimal.Decimal(1), filelock.__name__)\n")
 LOCAL = "def dumps(x): return 'local json'\n"
 EXTENSION = EXTENSION_SUFFIXES[0]  # name.cpython-3XY-<platform>.so
+# The bundle's standard library json package (the bundle runs this interpreter): a link to it is
+# the server's very own module; a copy of it is other files, though the same text.
+JSON_DIR = subprocess.run([PYTHON, "-c", "import json, os; print(os.path.dirname(json.__file__))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _zip(members: dict) -> bytes:
+    """A zip app: python puts the archive itself first on sys.path."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
 
 
 def _pyc(source: str) -> bytes:
@@ -48,6 +64,8 @@ CASES = [
           {"bin/s.py": Link("../real/s.py"), "real/s.py": SHOW, "real/json.py": LOCAL}), False),
     (Case("symlinked-directory", ["{d}/link/s.py"],
           {"link": Link("real"), "real/s.py": SHOW, "real/json.py": LOCAL}), False),
+    (Case("zip-app", ["{d}/app.zip"], {"app.zip": _zip({"__main__.py": SHOW, "json.py": LOCAL})}),
+     False),
     (Case("cwd-with-c", ["-c", SHOW], {"json.py": LOCAL}), False),
     (Case("cwd-with-m", ["-m", "mod"], {"mod.py": SHOW, "filelock/__init__.py": ""}), False),
     (Case("pythonpath-file", ["-c", SHOW], {"pp/json.py": LOCAL}, env={"PYTHONPATH": "{d}/pp"}),
@@ -56,7 +74,13 @@ CASES = [
           env={"PYTHONPATH": "{d}/nothing:{d}/pp"}), False),
     (Case("pythonpath-sitecustomize", ["-c", SHOW], {"pp/sitecustomize.py": "print('custom')\n"},
           env={"PYTHONPATH": "{d}/pp"}), False),
+    (Case("copy-of-the-held-package", ["{d}/s.py"],
+          {"s.py": SHOW, **{f"json/{n}": open(os.path.join(JSON_DIR, n)).read()
+                            for n in os.listdir(JSON_DIR) if n.endswith(".py")}}), False),
     # Python keeps the server's module in these: warm.
+    (Case("link-to-the-held-package", ["{d}/s.py"], {"s.py": SHOW, "json": Link(JSON_DIR)}), True),
+    (Case("pythonpath-link-to-the-held-package", ["-c", SHOW], {"pp/json": Link(JSON_DIR)},
+          env={"PYTHONPATH": "{d}/pp"}), True),
     (Case("namespace-portion", ["{d}/s.py"], {"s.py": SHOW, "decimal/notes.txt": ""}), True),
     (Case("imported-at-start-up", ["{d}/s.py"], {"s.py": SHOW + "import os\nprint(os.sep)\n",
                                                  "os.py": "sep = 'local'\n"}), True),
@@ -71,7 +95,7 @@ CASES = [
 # The native client only relays the server's answer (warm, or cold: it execs python itself):
 # a case of each kind of directory and answer is enough for it.
 NATIVE = ("stdlib-file", "cwd-with-m", "pythonpath-package", "symlinked-script",
-          "namespace-portion", "imported-at-start-up")  # fmt: skip
+          "namespace-portion", "imported-at-start-up", "link-to-the-held-package")  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["python", "native"])
@@ -134,3 +158,30 @@ def _run_kept(exe: str, directory: str) -> tuple:
     proc = subprocess.run([exe, os.path.join(directory, "s.py")], capture_output=True,
                           env=env, cwd=directory, timeout=30, stdin=subprocess.DEVNULL)  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_namespace_package_the_server_holds(tmp_path, monkeypatch):
+    """A directory without __init__.py beats nothing regular, but it is a portion of a namespace
+    package the server holds (python's __path__ would start with it): cold; the server's own
+    portion, on PYTHONPATH, is no change. In-process, on this process's modules."""
+    import sys
+
+    from preloaded.server.shadowing import Shadows
+
+    site = tmp_path / "site"
+    (site / "nspkg").mkdir(parents=True)
+    (site / "nspkg" / "a.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # nspkg is gone after the test
+    __import__("nspkg.a")
+    project = tmp_path / "project"
+    (project / "nspkg").mkdir(parents=True)
+    shadows, known = Shadows(frozenset()), frozenset(sys.modules)
+
+    def reason(cwd, pythonpath=""):
+        env = {"PYTHONPATH": pythonpath} if pythonpath else {}
+        return shadows.reason({"mode": "code", "target": "", "cwd": str(cwd), "env": env}, known)
+
+    assert "'nspkg' in " + str(project) in reason(project)
+    assert reason(tmp_path, pythonpath=str(site)) is None
+    assert reason(tmp_path) is None

@@ -100,6 +100,23 @@ def test_watcher_falls_back_to_mtimes(tmp_path):
     watcher._fall_back("test: inotify_add_watch: No space left on device")
     assert watcher.fileno() is None and "checking their mtimes" in logged[-1]
     assert "No space left on device" in watcher.problem
+    assert "sysctl fs.inotify.max_user_watches" in watcher.problem  # what to do (status shows it)
     assert watcher.changed() is None
     os.utime(module, ns=(0, 10**9))
     assert watcher.changed() == f"{module} changed"
+
+
+def test_watcher_follows_a_module_inside_an_archive(tmp_path):
+    """A module imported from a zip on the path (its __file__ lies inside the archive): the
+    archive is watched; a module whose directory does not exist is no change (not stale for
+    ever, which would restart the server on every run)."""
+    archive = tmp_path / "lib.zip"
+    archive.write_bytes(b"PK")
+    watcher = Watcher(print)
+    try:
+        watcher.watch([str(archive / "pkg" / "mod.py"), str(tmp_path / "gone" / "x.py")])
+        assert watcher.changed() is None
+        archive.write_bytes(b"PK2")
+        assert watcher.changed() == f"{archive} changed"
+    finally:
+        watcher.close()

@@ -4,14 +4,15 @@
  * preloaded/client/native.py). It runs a command warm only when stdin, stdout and stderr are
  * open and no terminal, the command line and the environment are ones the server takes as they
  * are, and the bundle's server is already listening. It then sends the very request frame the
- * Python client sends (preloaded/client/run.py) with fds 0, 1 and 2, forwards signals as
- * preloaded/client/signals.py does, and ends the way the child ended.
+ * Python client sends (preloaded/client/run.py) with fds 0, 1, 2 and the caller's others,
+ * forwards signals as preloaded/client/signals.py does, and ends the way the child ended.
  *
  * Everything else execs the Python starter (python -SI -c BOOT PKG_ROOT FILE ARGS...), which
  * then does exactly what a Python starter does: this file only ever takes a subset of the
  * Python client's decisions, never one of its own. libc only; every buffer is bounded.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <langinfo.h>
@@ -30,6 +31,8 @@
 #endif
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -40,6 +43,7 @@ extern char **environ;
 #define MAGIC "PYPRLD1\n"     /* preloaded/client/native.py MAGIC: 8 bytes, then 8 hex digits */
 #define TRAILER 16
 #define MAX_ENV 4096 /* more variables than this: the Python client handles them */
+#define MAX_FDS 253  /* preloaded/wire.py MAX_FDS: stdio, then the caller's other fds */
 
 static const char BOOT[] =
     "import sys; sys.path.append(sys.argv.pop(1)); "
@@ -68,6 +72,7 @@ static struct {
 } config;
 static char self_path[4096]; /* this starter, as /proc/self/exe names it */
 static const char *coerced_lc_ctype; /* LC_CTYPE as python's start-up sets it (PEP 538) */
+static int utf8_mode;                /* python's UTF-8 mode: the C or POSIX locale (PEP 540) */
 
 /* ---- falling back to the Python starter ---------------------------------------------- */
 
@@ -468,6 +473,40 @@ static void put_env(struct out *o, const char *lc_ctype, const char *pythonpath)
     put(o, "}", 1);
 }
 
+static int extra_fds[MAX_FDS - 3], nextra;
+
+static int by_number(const void *a, const void *b) {
+    return *(const int *)a - *(const int *)b;
+}
+
+/* preloaded/client/run.py caller_fds: the caller's fds above 2, each to land at its own
+ * number in the child. An exec clears close-on-exec on every fd it keeps, and this client
+ * opens its own with it: what lacks it is the caller's. -1 when they cannot be listed, or are
+ * more than one message carries (the Python starter then runs the command cold). */
+static int list_caller_fds(void) {
+    DIR *dir = opendir("/proc/self/fd");
+    if (!dir)
+        return -1;
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(dir))) {
+        char *end;
+        long fd = strtol(e->d_name, &end, 10);
+        if (e->d_name[0] < '0' || e->d_name[0] > '9' || *end || fd <= 2 || fd == dirfd(dir))
+            continue;
+        int flags = fcntl((int)fd, F_GETFD);
+        if (flags < 0 || (flags & FD_CLOEXEC))
+            continue;
+        if (nextra == MAX_FDS - 3)
+            rc = -1;
+        else
+            extra_fds[nextra++] = (int)fd;
+    }
+    closedir(dir);
+    qsort(extra_fds, (size_t)nextra, sizeof extra_fds[0], by_number);
+    return rc;
+}
+
 /* The request of preloaded/client/run.py build_request, byte for byte; -1: leave it to
  * the Python client (an argument that is not UTF-8, a frame too big). */
 static int build_request(struct out *o, struct command *cmd, int argc, char **argv,
@@ -513,6 +552,12 @@ static int build_request(struct out *o, struct command *cmd, int argc, char **ar
             put(o, ",", 1);
         put_int(o, ignored[k]);
     }
+    puts_(o, "],\"fds\":[");
+    for (int k = 0; k < nextra; k++) {
+        if (k)
+            put(o, ",", 1);
+        put_int(o, extra_fds[k]);
+    }
     puts_(o, "]}");
     if (rc || o->full || o->len - 4 > MAX_FRAME)
         return -1;
@@ -537,6 +582,7 @@ static const char *python_codeset(void) {
         const char *codeset = nl_langinfo(CODESET);
         return strcmp(codeset, "UTF-8") == 0 ? codeset : NULL;
     }
+    utf8_mode = 1;
     const char *lc_all = getenv("LC_ALL");
     if (strcmp(locale, "C") == 0 && !(lc_all && *lc_all)) { /* _Py_CoerceLegacyLocale */
         for (size_t k = 0; k < COUNT(targets); k++) {
@@ -569,13 +615,14 @@ static int socket_path(char *out, size_t size) {
         (st.st_mode & 077))
         return -1; /* the Python client creates, repairs or refuses it */
 
-    /* bundle_key: FNV-1a 64 of realpath NUL filesystem-encoding NUL locale-encoding. */
+    /* bundle_key: FNV-1a 64 of realpath NUL filesystem-encoding NUL locale-encoding, then
+     * NUL utf8 in UTF-8 mode. */
     const char *codeset = python_codeset();
     if (!codeset)
         return -1;
     uint64_t h = 0xCBF29CE484222325ull;
-    const char *parts[3] = {self_path, "utf-8", codeset};
-    for (int k = 0; k < 3; k++) {
+    const char *parts[4] = {self_path, "utf-8", codeset, "utf8"};
+    for (int k = 0; k < 3 + utf8_mode; k++) {
         if (k)
             h = (h ^ 0) * 0x100000001B3ull;
         for (const unsigned char *p = (const unsigned char *)parts[k]; *p; p++)
@@ -600,10 +647,12 @@ static int send_all(int sock, const char *buf, size_t len) {
     return 0;
 }
 
-/* The request with fds 0, 1, 2 riding on its first byte (wire.send). A peer that hung up
- * before reading it is no error: its reply says why. */
+/* The request with fds 0, 1, 2 and then the caller's others riding on its first byte
+ * (wire.send). A peer that hung up before reading it is no error: its reply says why. */
 static int send_request(int sock, const struct out *o) {
-    int fds[3] = {0, 1, 2};
+    int fds[MAX_FDS] = {0, 1, 2};
+    size_t nfds = 3 + (size_t)nextra;
+    memcpy(fds + 3, extra_fds, (size_t)nextra * sizeof fds[0]);
     union { /* aligned for the cmsghdr written into it */
         char buf[CMSG_SPACE(sizeof fds)];
         struct cmsghdr header;
@@ -611,12 +660,12 @@ static int send_request(int sock, const struct out *o) {
     memset(&control, 0, sizeof control);
     struct iovec iov = {.iov_base = o->buf, .iov_len = o->len};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                         .msg_controllen = sizeof control.buf};
+                         .msg_controllen = CMSG_SPACE(nfds * sizeof fds[0])};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
     cm->cmsg_level = SOL_SOCKET;
     cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof fds);
-    memcpy(CMSG_DATA(cm), fds, sizeof fds);
+    cm->cmsg_len = CMSG_LEN(nfds * sizeof fds[0]);
+    memcpy(CMSG_DATA(cm), fds, nfds * sizeof fds[0]);
     ssize_t sent;
     do
         sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
@@ -626,7 +675,29 @@ static int send_request(int sock, const struct out *o) {
     return errno == EPIPE || errno == ECONNRESET ? 0 : -1;
 }
 
+/* A run its server left (connection.py Link): followed by a pidfd taken at "started". */
+static struct {
+    long long pid;
+    int pidfd; /* -1: none (no keeper, or no pidfd_open): the run is lost with its server */
+    int lost;  /* the server is gone: signals go to the program itself */
+    char exit_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 64];
+} run = {0, -1, 0, ""};
+
+static void signal_run(int signum) { /* connection.py Link._signal_run */
+    if (signum == SIGINT || signum == SIGQUIT || signum == SIGSTOP || signum == SIGCONT ||
+        signum == SIGTSTP || signum == SIGTERM || signum == SIGHUP) /* loop.GROUP_SIGNALS */
+        killpg((pid_t)run.pid, signum); /* the run leads its own process group */
+#ifdef SYS_pidfd_send_signal
+    else
+        syscall(SYS_pidfd_send_signal, run.pidfd, signum, NULL, 0);
+#endif
+}
+
 static void send_signal(int sock, int signum) {
+    if (run.lost) {
+        signal_run(signum);
+        return;
+    }
     char body[64];
     int n = snprintf(body + 4, sizeof body - 4, "{\"signal\":%d}", signum);
     body[0] = body[1] = body[2] = 0;
@@ -643,8 +714,8 @@ static struct {
 /* A reply frame's fields the client acts on; values are kept only when they have the
  * types the server sends. */
 struct reply {
-    int started, has_exit, has_signal, has_error, cold, has_parent_signal;
-    long long exit, signal, parent_signal;
+    int started, has_exit, has_signal, has_error, cold, has_parent_signal, has_keeper;
+    long long exit, signal, parent_signal, pid, keeper;
     char error[1024];
 };
 
@@ -863,10 +934,13 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                            : strcmp(key, "error") == 0  ? &r->has_error
                            : strcmp(key, "cold") == 0   ? &r->cold
                            : strcmp(key, "parent_signal") == 0 ? &r->has_parent_signal
+                           : strcmp(key, "keeper") == 0        ? &r->has_keeper
                                                                : NULL;
-            long long *number = present == &r->has_exit     ? &r->exit
-                                : present == &r->has_signal ? &r->signal
+            long long *number = present == &r->has_exit            ? &r->exit
+                                : present == &r->has_signal        ? &r->signal
                                 : present == &r->has_parent_signal ? &r->parent_signal
+                                : present == &r->started           ? &r->pid
+                                : present == &r->has_keeper        ? &r->keeper
                                                                    : NULL;
             if (present)
                 *present = 1;
@@ -878,7 +952,7 @@ static int parse_reply(const unsigned char *body, size_t size, struct reply *r) 
                 if (scan_number(&s, number, &integer) < 0)
                     return -1;
                 if (!integer)
-                    *present = 2; /* not an int: a bad reply */
+                    *present = 2; /* not an int: a bad reply (a "started" without a pid) */
             } else {
                 if (skip_value(&s, 0) < 0)
                     return -1;
@@ -1066,6 +1140,75 @@ static void act_on_frames(void) {
         fail("bad reply from the server: ", why);
 }
 
+/* "started": take the program's pidfd now, before its pid could be reused, in case the server
+ * dies during the run (connection.py Link). */
+static void take_pidfd(const struct reply *first, const char *sock_path) {
+#ifdef SYS_pidfd_open
+    size_t len = strlen(sock_path);
+    if (first->started != 1 || first->has_keeper != 1 || first->pid <= 0 ||
+        first->pid > INT32_MAX || len < 5)
+        return;
+    run.pid = first->pid;
+    run.pidfd = (int)syscall(SYS_pidfd_open, (pid_t)run.pid, 0);
+    snprintf(run.exit_path, sizeof run.exit_path, "%.*s.exit.%lld.%lld", (int)(len - 5), sock_path,
+             first->keeper, run.pid); /* paths.exit_file: the socket path without ".sock" */
+#else
+    (void)first;
+    (void)sock_path;
+#endif
+}
+
+/* The program ended after its server: its status as its keeper published it. */
+static void exit_like_published(void) {
+    struct timespec pause = {0, 2000000};
+    for (int tries = 0; tries < 1000; tries++) { /* connection.py EXIT_FILE_WAIT: 2 s */
+        char text[32];
+        int fd = open(run.exit_path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
+        if (fd >= 0)
+            close(fd);
+        if (n > 0) {
+            char *end;
+            text[n] = 0;
+            long long code = strtoll(text, &end, 10);
+            if (end != text && *end == 0) {
+                unlink(run.exit_path);
+                if (code < 0)
+                    exit_like_signal(-code);
+                _exit((int)(code & 0xFF));
+            }
+        }
+        nanosleep(&pause, NULL);
+    }
+    fail("lost the server during the run", "");
+}
+
+/* The server is gone, the program goes on: forward signals to it until it ends. */
+static void follow_run(int sock) {
+    run.lost = 1;
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = run.pidfd, .events = POLLIN},
+                                {.fd = wake_pipe[0], .events = POLLIN}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail("lost the server during the run", "");
+        }
+        if (fds[1].revents) {
+            unsigned char signums[64];
+            ssize_t n = read(wake_pipe[0], signums, sizeof signums);
+            for (ssize_t k = 0; k < n; k++) {
+                if (signums[k] == SIGTSTP && !tstp_ignored)
+                    suspend(sock);
+                else
+                    signal_run(signums[k]);
+            }
+        }
+        if (fds[0].revents)
+            exit_like_published();
+    }
+}
+
 /* After "started": forward signals until the child's status arrives, then mirror it. */
 static void wait_for_status(int sock) {
     for (;;) {
@@ -1092,6 +1235,8 @@ static void wait_for_status(int sock) {
         }
         if (fds[0].revents && fill(sock) <= 0) {
             act_on_frames();
+            if (run.pidfd >= 0)
+                follow_run(sock);
             fail("lost the server during the run", "");
         }
     }
@@ -1182,7 +1327,8 @@ int main(int argc, char **argv) {
             ignored[nignored++] = INHERITABLE[k];
 
     struct out o = {request_buf, 0, sizeof request_buf, 0};
-    if (build_request(&o, &cmd, argc, argv, cwd, pp, ignored, nignored) < 0)
+    if (list_caller_fds() < 0 ||
+        build_request(&o, &cmd, argc, argv, cwd, pp, ignored, nignored) < 0)
         exec_python(argv);
 
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -1201,6 +1347,7 @@ int main(int argc, char **argv) {
     while (rc == 0 && (rc = next_frame(&first, why, sizeof why)) == 0)
         rc = fill(sock) > 0 ? 0 : -1;
     if (rc == 1 && first.started) {
+        take_pidfd(&first, sock_path);
         hide_arguments(argc, argv);
         wait_for_status(sock);
         return 1; /* not reached */

@@ -20,7 +20,6 @@ import os
 import select
 import termios
 
-from preloaded.client.connection import read_status, send_signal
 from preloaded.client.jobcontrol import foreground, reads_tty, tostop
 from preloaded.client.signals import suspend
 
@@ -50,7 +49,7 @@ class PtyRelay:
         self.slave_attrs = None  # what we last gave the PTY (the program may change it since)
         self.raw = False  # the caller's terminal is in raw mode: ours to read and to restore
         self.bg_modes = None  # the PTY's modes as the background found them (None: not looked)
-        self.sock = None
+        self.link = None  # the run's connection.Link, once it started
         self.child_pid = None
         try:
             attrs = termios.tcgetattr(self.attr_fd)  # allowed from the background too
@@ -152,23 +151,24 @@ class PtyRelay:
         char = attrs[6][termios.VSUSP]
         return char if char not in (b"\0", 0) else None
 
-    def run(self, sock, reader, wakeup_fd, child_pid=None, parent_fd=None):
+    def run(self, link, wakeup_fd, parent_fd=None):
         """Relay until the child's status arrives; return it. The terminal is restored after.
-        When ``parent_fd`` (a pidfd, see run.PARENT_FD) is readable: ("exit", 1)."""
-        self.sock, self.child_pid = sock, child_pid
+        ``link``: the run's connection.Link. When ``parent_fd`` (a pidfd, see run.PARENT_FD) is
+        readable: ("exit", 1)."""
+        self.link, self.child_pid = link, link.pid
         try:
-            return self._loop(sock, reader, wakeup_fd, parent_fd)
+            return self._loop(link, wakeup_fd, parent_fd)
         finally:
             self.close()
 
-    def _loop(self, sock, reader, wakeup_fd, parent_fd):
-        sock_fd = sock.fileno()
+    def _loop(self, link, wakeup_fd, parent_fd):
         os.set_blocking(self.master, False)
         to_child = b""
         reading_input = self.term_in is not None
         master_open = True
         while True:
-            rlist = [sock_fd, wakeup_fd] + ([parent_fd] if parent_fd is not None else [])
+            run_fd = link.fileno()  # the server's socket; the program's pidfd if the server died
+            rlist = [run_fd, wakeup_fd] + ([parent_fd] if parent_fd is not None else [])
             if master_open:
                 rlist.append(self.master)
             if self.raw and reading_input and len(to_child) < CHUNK:
@@ -181,23 +181,24 @@ class PtyRelay:
             except InterruptedError:
                 continue
             if parent_fd in ready:
+                link.hang_up()
                 return ("exit", 1)
             if self.master in ready:
                 master_open = self._pump_output()
             if wakeup_fd in ready:
-                self._handle_signals(sock, wakeup_fd)
+                self._handle_signals(link, wakeup_fd)
             if self.raw and self.term_in in ready:
                 data = self._read_input()
                 if data is None:
                     reading_input = False
                 else:
-                    to_child += self._filter_suspend(data, sock)
+                    to_child += self._filter_suspend(data, link)
             if writable and to_child:
                 to_child = self._write_child(to_child)
             if timeout is not None and not self.raw and not to_child and master_open:
                 self._watch_background()
-            if sock_fd in ready:
-                status = read_status(sock, reader)
+            if run_fd in ready:
+                status = link.read_status()
                 if status:
                     if master_open:
                         self._drain()
@@ -236,7 +237,7 @@ class PtyRelay:
         """Stop the run (child and client) as the kernel stops a background reader/writer."""
         if signum in self.ignored:
             return  # the caller ignores it: python would not stop either
-        suspend(self.sock, self, signum)
+        suspend(self.link, self, signum)
 
     def _pump_output(self) -> bool:
         """Copy what the child wrote to the caller's terminal; False once the PTY is closed."""
@@ -262,7 +263,7 @@ class PtyRelay:
         terminal then does its own output processing on top of the PTY's: a newline the PTY
         already turned into CR LF would become CR CR LF, so it goes as the bare LF python wrote.
         """
-        if self.sock is not None and not foreground(self.term_out) and tostop(self.term_out):
+        if self.link is not None and not foreground(self.term_out) and tostop(self.term_out):
             self._stop_like(_signal.SIGTTOU)
         if b"\r\n" in data and _onlcr(self.term_out) and _onlcr(self.master):
             data = data.replace(b"\r\n", b"\n")
@@ -284,14 +285,14 @@ class PtyRelay:
             return None
         return data or None
 
-    def _filter_suspend(self, data: bytes, sock) -> bytes:
+    def _filter_suspend(self, data: bytes, link) -> bytes:
         char = self._suspend_char()
         if char is None or char not in data or _signal.SIGTSTP in self.ignored:
             return data
         before, _, after = data.partition(char)
         if before:
             _write_all(self.master, before)
-        suspend(sock, self)
+        suspend(link, self)
         return after
 
     def _write_child(self, data: bytes) -> bytes:
@@ -303,7 +304,7 @@ class PtyRelay:
             return b""  # the child's side is gone; drop the keystrokes
         return data[written:]
 
-    def _handle_signals(self, sock, wakeup_fd) -> None:
+    def _handle_signals(self, link, wakeup_fd) -> None:
         try:
             signals = os.read(wakeup_fd, 64)
         except BlockingIOError:
@@ -312,12 +313,12 @@ class PtyRelay:
             if signum == _signal.SIGWINCH:
                 self.copy_winsize()
             elif signum == _signal.SIGTSTP and signum not in self.ignored:
-                suspend(sock, self)
+                suspend(link, self)
             elif signum == _signal.SIGCONT:
                 self.resume()  # fg or bg: who owns the terminal now?
-                send_signal(sock, signum)
+                link.send_signal(signum)
             else:
-                send_signal(sock, signum)
+                link.send_signal(signum)
 
 
 def _raw(attrs: list) -> list:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import _signal
 import os
 
+from preloaded import wire
 from preloaded.client.cmdline import hide_arguments
-from preloaded.client.connection import Fallback, connect, hand_over, read_status, send_signal
+from preloaded.client.connection import Fallback, Link, connect, hand_over
 from preloaded.client.signals import Signals, ignored_signals, suspend
 from preloaded.paths import Paths, UnsafeDirectory
 
@@ -20,7 +21,7 @@ PARENT_FD: int | None = None
 PARENT_GONE = ("exit", 1)  # ipykernel's os._exit(1); the server then ends the child
 
 
-def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> dict:
+def build_request(cmd, args: list, python: str, stdio: list, ignored: list, fds: list) -> dict:
     """The run request for a parsed command line (see DESIGN.md, wire protocol)."""
     try:
         cwd = os.getcwd()
@@ -40,7 +41,30 @@ def build_request(cmd, args: list, python: str, stdio: list, ignored: list) -> d
         "flags": cmd.flags,
         "stdio": stdio,
         "ignored": ignored,
+        "fds": fds,
     }
+
+
+def caller_fds() -> list:
+    """The caller's fds above 2, each to land at its own number in the child, as python would
+    have them. Every fd an exec kept has close-on-exec cleared, and python opens its own fds
+    with it set: what lacks it here is the caller's. (The listing's own directory fd is closed
+    by the time it is looked at.) Must run before this process opens any fd of its own."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError as exc:
+        raise Fallback() from exc  # they cannot be listed: python gets them all
+    fds = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:
+                pass
+    fds.sort()
+    return fds
 
 
 def stdio_kinds() -> list:
@@ -58,12 +82,16 @@ def stdio_kinds() -> list:
     return kinds
 
 
-def open_server(config: dict, bundle: str):
-    """Connect to this bundle's server, starting it first if none is running."""
+def bundle_paths(bundle: str) -> Paths:
     try:
-        paths = Paths(bundle)
+        return Paths(bundle)
     except (UnsafeDirectory, OSError) as exc:
         raise Fallback(f"runtime directory unusable: {exc}") from exc
+
+
+def open_server(config: dict, bundle: str, paths: Paths | None = None):
+    """Connect to this bundle's server, starting it first if none is running."""
+    paths = paths or bundle_paths(bundle)
     sock = connect(paths.socket)
     if sock is None:
         from preloaded.client import spawn
@@ -76,15 +104,21 @@ def run(config: dict, bundle: str, cmd, args: list):
     """Run ``cmd`` warm; return ("exit", code) or ("signal", n). Raises Fallback to run cold."""
     kinds = stdio_kinds()
     ignored = ignored_signals()
+    extra = caller_fds()
+    if len(extra) > wire.MAX_FDS - 3:
+        # One message carries at most MAX_FDS: so many fds is rare enough to run cold, which
+        # passes them all, rather than split a request over several messages.
+        raise Fallback()
+    paths = bundle_paths(bundle)
     for _attempt in range(3):
-        sock = open_server(config, bundle)
+        sock = open_server(config, bundle, paths)
         # Handlers go in before raw mode and before the child exists: a signal that comes while
         # the run starts is forwarded once it has started, and never leaves the terminal raw.
         signals = Signals(tty="tty" in kinds)
         started = False
         try:
             relay = None
-            request = build_request(cmd, args, config["python"], _stdio(kinds), ignored)
+            request = build_request(cmd, args, config["python"], _stdio(kinds), ignored, extra)
             if "tty" in kinds:
                 from preloaded.client.ptyrelay import PtyRelay
 
@@ -92,11 +126,12 @@ def run(config: dict, bundle: str, cmd, args: list):
                 fds = relay.child_fds()
             else:
                 fds = [fd if kind == "pipe" else _devnull() for fd, kind in zip((0, 1, 2), kinds)]
-            reply, reader = hand_over(sock, fds, request)
+            reply, reader = hand_over(sock, fds + extra, request)
             if "started" in reply:
                 started = True
                 hide_arguments()  # pgrep -f / pkill -f must find the program's process only
-                return _wait(sock, reader, relay, signals.rfd, reply["started"], ignored)
+                link = Link(sock, reader, reply, paths.socket)
+                return _wait(link, relay, signals.rfd, ignored)
             sock.close()
             if relay:
                 relay.close()
@@ -124,33 +159,34 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDWR)
 
 
-def _wait(sock, reader, relay, wakeup_fd, child_pid, ignored: list):
+def _wait(link: Link, relay, wakeup_fd, ignored: list):
     """Forward signals and (with a PTY) relay the terminal until the child's status arrives."""
     try:
         if relay:
-            return relay.run(sock, reader, wakeup_fd, child_pid, PARENT_FD)
-        return _wait_pipes(sock, reader, wakeup_fd, ignored)
+            return relay.run(link, wakeup_fd, PARENT_FD)
+        return _wait_pipes(link, wakeup_fd, ignored)
     finally:
-        sock.close()
+        link.close()
 
 
-def _wait_pipes(sock, reader, wakeup_fd, ignored: list):
+def _wait_pipes(link: Link, wakeup_fd, ignored: list):
     import select
 
-    sock_fd = sock.fileno()
-    rlist = [sock_fd, wakeup_fd] + ([PARENT_FD] if PARENT_FD is not None else [])
+    parent = [PARENT_FD] if PARENT_FD is not None else []
     while True:
-        ready, _, _ = select.select(rlist, [], [])
+        run_fd = link.fileno()  # the server's socket; the program's pidfd once the server died
+        ready, _, _ = select.select([run_fd, wakeup_fd] + parent, [], [])
         if PARENT_FD in ready:
+            link.hang_up()
             return PARENT_GONE
         if wakeup_fd in ready:
             for signum in os.read(wakeup_fd, 64):
                 if signum == _signal.SIGTSTP and signum not in ignored:
-                    suspend(sock, None)
+                    suspend(link, None)
                 else:
-                    send_signal(sock, signum)
-        if sock_fd in ready:
-            status = read_status(sock, reader)
+                    link.send_signal(signum)
+        if run_fd in ready:
+            status = link.read_status()
             if status:
                 return status
 

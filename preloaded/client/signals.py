@@ -8,7 +8,6 @@ from __future__ import annotations
 import _signal
 import os
 
-from preloaded.client.connection import send_signal
 
 # Signals the client passes on to the child; the client itself keeps running until the child's
 # status comes back, so that it can mirror it. SIGCONT is passed on as well; SIGSTOP cannot be
@@ -64,7 +63,7 @@ def noop(signum, frame) -> None:
     """Python-level handler: the C handler writes the number to the wakeup fd; that is all."""
 
 
-def suspend(sock, relay, signum: int = _signal.SIGTSTP) -> None:
+def suspend(link, relay, signum: int = _signal.SIGTSTP) -> None:
     """Stop the run: the child, then this process by ``signum``; on SIGCONT, go on.
 
     Ctrl-Z (SIGTSTP), or a background run that touches the terminal where python would be
@@ -73,7 +72,7 @@ def suspend(sock, relay, signum: int = _signal.SIGTSTP) -> None:
     kernel discards SIGTSTP there: the child gets SIGSTOP instead. On SIGCONT (``fg`` or
     ``bg``) the relay takes the terminal again only if it is ours, and the SIGCONT is forwarded.
     """
-    send_signal(sock, _signal.SIGSTOP)
+    link.send_signal(_signal.SIGSTOP)
     if relay:
         relay.restore()
     previous = _signal.signal(signum, _signal.SIG_DFL)

@@ -28,6 +28,10 @@ def server_env(env) -> dict:
     """
     clean = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
     clean["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() must not initialise CUDA
+    if sys.flags.utf8_mode:
+        # The C locale: python (as this starter) runs in UTF-8 mode, after coercing LC_CTYPE
+        # to C.UTF-8 in the environment, which alone would not put the server in it.
+        clean["PYTHONUTF8"] = "1"
     return clean
 
 
@@ -38,6 +42,7 @@ def server_argv(config: dict, bundle: str) -> list:
     # shadows those (see server/shadowing.py). Taken first, before py-preload's own imports.
     boot = (
         "import sys; s = frozenset(sys.modules); sys.path.append(sys.argv.pop(1)); "
+        "from preloaded.server.keeper import split; split(); "
         "from preloaded.server.loop import main; main(s)"
     )
     payload = json.dumps({**config, "bundle": os.path.abspath(bundle)})

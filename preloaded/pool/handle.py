@@ -48,7 +48,9 @@ class Handle:
             ours, theirs = socket.socketpair()
             try:
                 started = _hand_over(bundle, config, sock, theirs, env, cwd, umask)
-            except _Reset as exc:  # a dying server's listener: once it is gone, a new one starts
+            except (_Reset, _Cold) as exc:  # _Reset: a dying server's listener (a new one
+                # starts once it is gone); _Cold: another environment than the server's (a second
+                # request alike retires it, see server/envdeps.py, and a new one is made with it)
                 sock.close()
                 ours.close()
                 if attempt + 1 == STALE_RETRIES:
@@ -164,6 +166,10 @@ class _Reset(Exception):
     """The connection broke before the server answered (it was being killed, for instance)."""
 
 
+class _Cold(Exception):
+    """The server would not run the task warm (its reason: another environment, say)."""
+
+
 def _open_server(bundle: str, config: dict):
     try:
         return run.open_server(config, bundle)
@@ -194,6 +200,8 @@ def _hand_over(bundle, config, sock, channel: socket.socket, env, cwd, umask):
         return reply["started"], reader
     if reply.get("error") == "stale":
         return None
+    if "cold" in reply:
+        raise _Cold(f"the server of {bundle} cannot run the task warm: {reply['cold']}")
     raise ServerUnavailable(f"the server of {bundle} refused the task: {reply.get('error')}")
 
 

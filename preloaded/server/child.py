@@ -19,7 +19,9 @@ import types
 import runpy  # noqa: F401  (preloaded for -m and directory/zip scripts)
 
 from preloaded import wire
-from preloaded.server import become, envdeps, fastexit, learn, preload, proctitle, stdio
+from preloaded.server import (
+    become, envdeps, fastexit, learn, preload, proctitle, startflags, stdio,
+)
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # preloaded/
 GO = {"go": True}  # the server's last frame to a standby: the run may start
@@ -37,6 +39,7 @@ class Setup:
         # Learned preloads (see preloaded.learn): the server's modules, the library directories,
         # and where to report (None: learning is off).
         self.known: frozenset = frozenset()
+        self.newest: tuple = (None, None)  # sys.modules' newest entry: (name, id of module)
         self.roots: tuple = ()
         self.learn_prefix: str | None = None
         # PY_PRELOAD_FASTEXIT=0 (server's environment): children tear their memory down
@@ -63,7 +66,7 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
         _reset_process(sigmask)
         if os.getppid() != setup.server_pid:  # died before PR_SET_PDEATHSIG was armed
             os._exit(1)
-        _prepare()
+        preload.outlive_server()
         request, fds = _receive(channel, setup)
         handed_over = True
         status = _serve(request, fds, setup)
@@ -87,16 +90,6 @@ def park(channel: int, server_fds: list, setup: Setup, sigmask=None) -> None:
             os.kill(os.getpid(), signal.SIGINT)
             status = 128 + signal.SIGINT
         os._exit(status & 0xFF)
-
-
-def _prepare() -> None:
-    """What every run needs and no request decides, done while parked (off the run's path).
-
-    Only marks, no state a run could see: the import system's directory caches are invalidated
-    here (1.1 ms in a torch child, a page copied per finder), and refilled lazily at the first
-    import, which comes after the hand-over: a run still sees the files as they are then.
-    """
-    importlib.invalidate_caches()
 
 
 def _serve(request: dict, fds: list, setup: Setup) -> int:
@@ -125,6 +118,8 @@ def _receive(channel: int, setup: Setup) -> tuple:
         reader.feed(data)
         for request in reader.frames():
             break
+    if request.get("fds"):  # before the caller's limits apply: the server's let them land
+        fds, channel = stdio.place_fds(fds, request["fds"], channel)
     for signum in request["ignored"]:  # inherited "ignore" survives exec, and python leaves it so
         signal.signal(signum, signal.SIG_IGN)
     if "context" in request:  # the caller's limits, nice, cgroup, privilege...: before the go
@@ -172,12 +167,11 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     sys.path[:] = [_path0(request)] + _dedupe(_pythonpath(env) + setup.base_path)
     flags = request["flags"]
     sys.dont_write_bytecode = flags["B"] or bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    startflags.set_flags(flags, env)
     warnoptions = [w for w in env.get("PYTHONWARNINGS", "").split(",") if w] + flags["W"]
     sys.warnoptions[:] = warnoptions
     if warnoptions:
-        import warnings
-
-        warnings._processoptions(warnoptions)
+        startflags.install_warnoptions(warnoptions)
     _reseed()
 
 

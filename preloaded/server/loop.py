@@ -20,7 +20,7 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, envdeps, pytestserver, sigfd, startup, tools
+from preloaded.server import budget, control, envdeps, keeper, pytestserver, sigfd, startup, tools
 from preloaded.server.pytestlink import PytestLink
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.shadowing import Shadows
@@ -95,6 +95,7 @@ class Server:
         self.warmup_time: float | None = None
         self.pool = StandbyPool(pool_size(config), self._own_fds, log)
         self.stops = ClientStops()  # the children follow their clients' SIGSTOP and SIGCONT
+        self.keeper = keeper.started_field()  # whose exit file a client reads if we die
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class Server:
             self._check_socket()
             self._learn_step()
             if not events and self._refill_in() == 0.0:
-                self.pool.refill()
+                self.pool.idle_turn()
             if not events and self.budget is not None:
                 self.budget.check_memory()
 
@@ -180,10 +181,10 @@ class Server:
             log("a learned module is not fork-safe: retiring; the next run starts without it")
             self.begin_stop()
         elif outcome in ("learned", "failed"):  # failed: after importing some dependencies?
-            from preloaded.server import preload
+            from preloaded.server import learn, preload
 
             preload.settle()  # gc.freeze() again: the new objects are shared copy-on-write too
-            self.child_setup.known = frozenset(sys.modules)
+            learn.remember_modules(self.child_setup)
             self.stamps.watch_new()  # an edit of a learned module's file counts too
             self.pool.discard_all()  # forked before the change: the next run gets a new fork
             if not self.learner.busy():
@@ -245,8 +246,7 @@ class Server:
             if signum == signal.SIGCHLD:
                 self._reap()
             elif not self.stopping:
-                log(f"got signal {signum}: stopping")
-                self.begin_stop(kill_children=True)
+                control.terminated(self, signum, log)
 
     def _handle_accept(self, _fileobj) -> None:
         while True:
@@ -358,7 +358,8 @@ class Server:
         self.last_used = time.time()
         conn.pid = standby.pid
         self.children[standby.pid] = conn
-        if conn.reply({"started": standby.pid}):
+        keeper.running(standby.pid)  # if we die, the keeper reaps it and publishes its status
+        if conn.reply({"started": standby.pid, **self.keeper}):
             standby.go()
         else:  # its client may run the command cold: this one must not run it (reaped by _reap)
             kill(standby.pid, signal.SIGKILL, group=False)
@@ -379,6 +380,8 @@ class Server:
         fds.extend(self.conns)
         for conn in self.conns.values():  # a client's stdio, received and not yet handed over
             fds.extend(conn.fds)
+            if conn.peer is not None and conn.peer.pidfd is not None:
+                fds.append(conn.peer.pidfd)  # a child holding it would show it to the program
         fds.extend(self.lock_fds)
         fds.extend(self.stamps.fds() if self.stamps else ())  # the inotify fd
         fds.extend(self.learner.probe_fds() if self.learner else ())
@@ -398,6 +401,7 @@ class Server:
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
                 continue
+            keeper.ended(pid)
             if self.learner is not None:  # every reaped run, whatever its connection became
                 self.learner.collect(pid)
             code = os.waitstatus_to_exitcode(status)

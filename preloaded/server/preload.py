@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+from preloaded.server import keeper
+
 # The server's own signals. The server keeps them blocked and reads them with their sender from
 # a signalfd (see sigfd.py): those a run sends to its parent are relayed to the caller's parent.
 # A fork unblocks them once it has left the server (child.park). A learned import must leave
@@ -26,18 +28,28 @@ except (OSError, AttributeError):  # not Linux: forks may outlive a killed serve
 
 def leave_server(server_fds: list) -> None:
     """First thing in a fork of the server (a standby, a probe): die with the server, and let go
-    of its wakeup fd and of ``server_fds`` (its sockets, lock, pipes).
+    of its wakeup fd, of ``server_fds`` (its sockets, lock, pipes) and of the keeper's table.
 
-    Without PR_SET_PDEATHSIG a server killed by SIGKILL (OOM killer, ``kill -9``) would leave its
-    forks behind, reparented to init and out of reach of their clients."""
+    Without PR_SET_PDEATHSIG a server killed by SIGKILL (OOM killer, ``kill -9``) would leave a
+    probe behind. A standby clears it once it is sure to see its channel's EOF if the server
+    dies (``outlive_server``): the run it becomes must outlive the server."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    keeper.leave()
     signal.set_wakeup_fd(-1)
     for fd in server_fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+def outlive_server() -> None:
+    """In a standby, before it parks: the run it will be must outlive a server that dies (the
+    keeper reaps it then, see keeper.py). Parked, it still ends with the server: its channel
+    closes, and a standby leaves at that EOF (before the "go", never running the command)."""
+    if _prctl is not None and keeper.TABLE is not None:  # else no one would report its end
+        _prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
 
 
 class ForkUnsafe(Exception):

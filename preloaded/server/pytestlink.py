@@ -86,8 +86,8 @@ class PytestLink:
             self.log(self.failed)
         return True
 
-    def stop(self) -> None:
-        """``stop`` of the plain server stops its pytest server too."""
+    def stop(self, now: bool) -> None:
+        """``stop`` (``now``: its runs end too) of the plain server stops its pytest server."""
         from preloaded import servers
 
         if self.pid is not None:  # still importing: no socket to ask on yet
@@ -95,7 +95,7 @@ class PytestLink:
                 os.kill(self.pid, signal.SIGTERM)
             except OSError:
                 pass
-        servers.ask(self.paths.socket, {"cmd": "stop"}, timeout=HAND_OVER_TIMEOUT)
+        servers.ask(self.paths.socket, {"cmd": "stop", "now": now}, timeout=HAND_OVER_TIMEOUT)
 
     def _is_pytest_server(self, pid: int) -> bool:
         """Is ``pid`` a pytest server of this bundle (serving or retiring: a worker of a run it

@@ -20,12 +20,14 @@ class BadRequest(Exception):
 
 
 def validate_request(req, nfds: int) -> None:
-    """Raise BadRequest unless ``req`` is a well-formed run request with 3 descriptors."""
+    """Raise BadRequest unless ``req`` is a well-formed run request with its descriptors: 3 for
+    stdio, then one for each number in ``fds``."""
     if not isinstance(req, dict):
         raise BadRequest("request is not an object")
     expected = {"v", "mode", "target", "argv", "orig_argv", "cwd", "env", "umask", "flags", "stdio",
                 "ignored"}
-    unknown = set(req) - expected
+    req.setdefault("fds", [])  # native starters built before fds were passed send none
+    unknown = set(req) - expected - {"fds"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     missing = expected - set(req)
@@ -56,8 +58,17 @@ def validate_request(req, nfds: int) -> None:
     ignored = req["ignored"]
     if not isinstance(ignored, list) or not all(type(s) is int and 0 < s < 65 for s in ignored):
         raise BadRequest("ignored must list signal numbers")
-    if nfds != 3:
-        raise BadRequest(f"expected 3 file descriptors, got {nfds}")
+    _check_fds(req["fds"], nfds)
+
+
+def _check_fds(fds, nfds: int) -> None:
+    """``fds``: the number each descriptor after the 3 of stdio lands at in the child."""
+    if not isinstance(fds, list) or not all(type(fd) is int and 2 < fd < 1 << 30 for fd in fds):
+        raise BadRequest("fds must list descriptor numbers above 2")
+    if len(set(fds)) != len(fds):
+        raise BadRequest("fds lists a descriptor twice")
+    if nfds != 3 + len(fds):
+        raise BadRequest(f"expected {3 + len(fds)} file descriptors, got {nfds}")
 
 
 def _check_strings(value, name: str) -> None:

@@ -37,8 +37,8 @@ MAX_CACHED = 256  # directories remembered (a busy server sees many projects)
 
 
 class Held:
-    """The server's top-level modules, each with where python found it: ("dir", directory) for
-    a module or regular package, ("ns", portions) for a namespace package, ("other", None) for
+    """The server's top-level modules, each with where python found it: ("dir", entry) for a
+    module or regular package (its file, or its package directory), ("ns", portions) for a namespace package, ("other", None) for
     one without a location (made by a library), ("absent", None) for site's customize modules
     the server has not. Built-in and frozen ones cannot be shadowed."""
 
@@ -55,6 +55,14 @@ class Held:
         self.early = frozenset(self.where)
         self.late = frozenset(n for n in self.where if n not in startup and n not in CUSTOMIZE)
         self._real: dict = {}
+        self._ids: dict = {}
+
+    def identity(self, path: str) -> tuple | None:
+        """(st_dev, st_ino) of a held module's file or package directory, taken once (if it
+        changed, the server is stale anyway); None if it is gone."""
+        if path not in self._ids:
+            self._ids[path] = _identity(path)
+        return self._ids[path]
 
     def real(self, path: str) -> str:
         """The real path of a held module's directory, resolved once (if one changed, the
@@ -79,10 +87,9 @@ def _location(module) -> tuple | None:
     filename = filename or getattr(module, "__file__", None)
     if not isinstance(filename, str):
         return ("other", None)
-    directory = os.path.dirname(filename)
-    if locations is not None:  # a regular package: found in the directory above its own
-        directory = os.path.dirname(directory)
-    return ("dir", directory)
+    if locations is not None:  # a regular package: its directory is what a path entry holds
+        return ("dir", os.path.dirname(filename))
+    return ("dir", filename)
 
 
 class Shadows:
@@ -125,7 +132,10 @@ class Shadows:
 
     def sent_back_cold(self, conn, request: dict, known, log) -> bool:
         """If a local module shadows a held one, log why and tell the client to run cold."""
-        reason = self.reason(request, known)
+        try:
+            reason = self.reason(request, known)
+        except Exception as exc:  # a module or directory this code does not know: never warm
+            reason = f"cannot check the run's directories for shadowing modules: {exc!r}"
         if reason:
             log(f"cold run: {reason}")
             conn.reply({"cold": reason})
@@ -151,14 +161,16 @@ class Shadows:
 
 def _verdict(directory: str, real: str, name: str, kind: str, held: Held) -> str:
     """What ``directory``'s entry ``name`` (of ``kind``; ``real``: the directory's real path)
-    does to the held module: "shadows", "same" (python finds the server's own module here: a
-    PYTHONPATH naming site-packages), or "portion" (a namespace portion python passes over for
-    a regular module found later)."""
+    does to the held module: "shadows", "same" (python finds the server's very own file or
+    package directory here: a PYTHONPATH naming site-packages, the cwd of an editable install's
+    project, a symlink to it), or "portion" (a namespace portion python passes over for a
+    regular module found later)."""
     held_kind, place = held.where[name]
-    if held_kind == "dir" and real == held.real(place):
-        return "same"
     if kind == "dir":
         kind = "pkg" if _has_init(os.path.join(directory, name)) else "portion"
+    if held_kind == "dir" and kind != "portion":
+        if _same(_found(directory, name, kind), place, held):
+            return "same"
     if held_kind == "ns":
         portion = os.path.join(real, name)
         if kind == "portion" and any(held.real(p) == portion for p in place):
@@ -167,6 +179,37 @@ def _verdict(directory: str, real: str, name: str, kind: str, held: Held) -> str
     if kind == "portion" and held_kind != "other":
         return "portion"
     return "shadows"
+
+
+def _found(directory: str, name: str, kind: str) -> str:
+    """The file or package directory FileFinder takes for ``name`` in ``directory`` (a package
+    before a module; among modules, SUFFIXES' order)."""
+    path = os.path.join(directory, name)
+    if kind == "pkg" or _has_init(path):  # a listing of "mod" may hide a package beside it
+        return path
+    for suffix in SUFFIXES:
+        if os.path.isfile(path + suffix):
+            return path + suffix
+    return path
+
+
+def _same(found: str, place: str, held: Held) -> bool:
+    """Whether python would load the server's own file or package directory from ``found``:
+    the same inode, or (inside a zip archive, where there is none) the same real path."""
+    identity = _identity(found)
+    if identity is None:
+        return os.path.realpath(found) == held.real(place)
+    return identity == held.identity(place)
+
+
+def _identity(path: str) -> tuple | None:
+    """The file or directory ``path`` resolves to, as (st_dev, st_ino): the same module whatever
+    link or path leads there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _has_init(path: str) -> bool:

@@ -8,13 +8,16 @@ request.
 
 from __future__ import annotations
 
+import importlib
 import os
+import resource
 import signal
+import sys
 import socket
 import time
 
 from preloaded import wire
-from preloaded.server import child
+from preloaded.server import child, hugepages, stdio
 from preloaded.server.peer import Cold
 from preloaded.server.preload import HANDLED
 
@@ -31,9 +34,10 @@ HAND_OVER_TIMEOUT = 5.0  # a parked standby reads its request at once; this is o
 class Standby:
     """A child forked ahead and parked in a read on its end of ``channel``."""
 
-    def __init__(self, pid: int, channel: socket.socket) -> None:
+    def __init__(self, pid: int, channel: socket.socket, kept: frozenset = frozenset()) -> None:
         self.pid = pid
         self.channel = channel
+        self.kept = kept  # the fds (above 2) it keeps from the server: a library's, say
 
     def go(self) -> None:
         """Let the run start: its client was told "started". The go is a frame, not the
@@ -60,6 +64,10 @@ class StandbyPool:
         self.failed = False
         self.last_hand_over = 0.0
         self.last_exit = 0.0
+        self.imports_seen = None  # sizes of the import state when caches were last invalidated
+        # The server's memory into huge pages before the first standby is forked (a standby
+        # forked before pays the small pages' fork and exit), and again after a learned import.
+        self.hugepages = hugepages.Collapser(log)
 
     def hand_over(self, request: dict, fds: list, context: dict | None = None) -> Standby:
         """Send the request and the caller's fds to a standby; return it. A standby that died
@@ -71,6 +79,8 @@ class StandbyPool:
             request = dict(request, context=context)
         for _attempt in range(3):
             standby = self.parked.pop(0) if self.parked else self.spawn()
+            if request["fds"]:
+                self._check_fds(standby, request["fds"])
             try:
                 standby.channel.settimeout(HAND_OVER_TIMEOUT)  # it reads at once: it is parked
                 wire.send(standby.channel, request, fds)
@@ -83,6 +93,20 @@ class StandbyPool:
                 self._await_ready(standby)
             return standby
         raise OSError(0, "every standby died before its hand-over")
+
+    def _check_fds(self, standby: Standby, targets: list) -> None:
+        """Cold (``standby`` parked again) unless the caller's fds can land at their numbers
+        in it: not on an fd it keeps from the server (python would have had the library open
+        its own at another number), and within the limit on fd numbers."""
+        reason = None
+        taken = standby.kept.intersection(targets)
+        if taken:
+            reason = f"fd {min(taken)} of the caller is one the server's imports hold open"
+        elif max(targets) + len(targets) + 8 > _fd_ceiling():
+            reason = f"fd {max(targets)} of the caller is above the server's RLIMIT_NOFILE"
+        if reason:
+            self.parked.insert(0, standby)
+            raise Cold(reason)
 
     def _await_ready(self, standby: Standby) -> None:
         """The child's answer once it took on the caller's context; Cold if it could not."""
@@ -100,8 +124,10 @@ class StandbyPool:
         """Fork a child that parks until a run is handed to it (see child.park)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         server_fds = self.own_fds() + self.channel_fds() + [ours.fileno()]
+        kept = open_fds().difference(server_fds, (0, 1, 2, theirs.fileno()))
         # A signal reaching the child before it dropped the server's handlers would wake the
         # server's loop through the wakeup pipe they share: blocked until child.park resets them.
+        self._invalidate_import_caches()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             pid = os.fork()
@@ -118,7 +144,26 @@ class StandbyPool:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         self.failed = False
-        return Standby(pid, ours)
+        return Standby(pid, ours, frozenset(kept))
+
+    def _invalidate_import_caches(self) -> None:
+        """A child must find the files as they are at its first import, not as the server's
+        finders listed them: their directory caches are marked stale, in the server, and
+        refilled lazily in the child. Marked here, not in every child (where writing a mark
+        in each finder copied ~400 pages, 1.2 ms of a torch server's run), and again only
+        once the server imported something (its finders may have listed a directory since)."""
+        seen = (len(sys.modules), len(sys.path_importer_cache))
+        if seen != self.imports_seen:
+            importlib.invalidate_caches()
+            self.imports_seen = (len(sys.modules), len(sys.path_importer_cache))
+
+    def idle_turn(self) -> None:
+        """The loop is idle and ``refill_in`` said now: until the server's memory is in huge
+        pages, collapse some of it (see hugepages.py); then fork the next standby."""
+        if self.hugepages.pending():
+            self.hugepages.step()
+        else:
+            self.refill()
 
     def refill(self) -> None:
         """Fork the next standby now: the loop is idle, so that forking delays no run (the run
@@ -136,6 +181,8 @@ class StandbyPool:
         On a small machine the fork competes with the runs and clients around it: not while a
         run just handed over is still going (for REFILL_AFTER at most), and REFILL_AFTER_EXIT
         after the last run ended."""
+        if self.hugepages.pending():
+            return 0.0
         if len(self.parked) >= self.size or self.failed:
             return None
         if not running:
@@ -147,6 +194,8 @@ class StandbyPool:
         instance), and the next run must get a child forked after that change. The next one is
         forked at the loop's next idle moment (or on demand by the next run)."""
         parked, self.parked = self.parked, []
+        self.imports_seen = None  # a learned import, even a failed one, may have listed dirs
+        self.hugepages.replan()  # and added memory
         for standby in parked:
             self.discard(standby)
         self.failed = False
@@ -176,6 +225,25 @@ class StandbyPool:
 
     def pids(self) -> list:
         return [standby.pid for standby in self.parked]
+
+
+def open_fds() -> set:
+    """This process's open fds (the listing's own, closed by then, left out)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.get_inheritable(int(name))
+            fds.add(int(name))
+        except OSError:
+            pass
+    return fds
+
+
+def _fd_ceiling() -> int:
+    """The highest fd number a child may place a caller's fd at (plus room to move others):
+    it raises its soft RLIMIT_NOFILE to the hard one for that (see stdio.place_fds)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return stdio.NR_OPEN if hard == resource.RLIM_INFINITY else min(hard, stdio.NR_OPEN)
 
 
 def pool_size(config: dict) -> int:

@@ -76,7 +76,7 @@ def warm_up(config: dict, paths, log) -> Warm:
     stdout = sys.__stdout__
     setup = warm.child_setup = child.Setup(base_path, stdout.encoding, stdout.errors)
     # What each child needs to report the library modules it imported.
-    setup.known = frozenset(sys.modules)  # once here, not per fork: the diff's other side
+    learn.remember_modules(setup)  # once here, not per fork: the diff's other side
     if warm.learner.enabled:
         setup.roots = learn.library_roots(base_path, overlay)
         setup.learn_prefix = paths.report_prefix

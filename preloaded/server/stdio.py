@@ -8,6 +8,43 @@ import os
 import sys
 
 
+NR_OPEN = 1 << 20  # the kernel's default ceiling on RLIMIT_NOFILE (/proc/sys/fs/nr_open)
+
+
+def place_fds(received: list, targets: list, channel: int) -> tuple:
+    """Put the caller's fds after the 3 of stdio (``received[3:]``) at their own numbers
+    (``targets``) as python inherits them: without close-on-exec. The server checked that no
+    target is an fd this child keeps from it (standby.py); the received fds and ``channel``
+    may sit on one, so they move above the highest target first. Returns (the stdio fds,
+    channel) at their new numbers."""
+    import fcntl
+    import resource
+
+    floor = max(targets) + 1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = floor + len(received) + 2
+    if need > soft:  # the caller may hold fds above the server's soft limit: python has them
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    try:
+
+        def above(fd: int) -> int:
+            if fd >= floor:
+                return fd
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+            os.close(fd)
+            return moved
+
+        received = [above(fd) for fd in received]
+        channel = above(channel)
+        for fd, target in zip(received[3:], targets):
+            os.dup2(fd, target)  # inheritable: an inherited fd has no close-on-exec
+            os.close(fd)
+    finally:
+        if need > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return received[:3], channel
+
+
 def install_stdio(request: dict, fds: list, setup) -> None:
     kinds = request["stdio"]
     for target, (fd, kind) in enumerate(zip(fds, kinds)):

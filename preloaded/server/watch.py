@@ -84,15 +84,24 @@ class Watcher:
             directory, name = os.path.split(path)
             by_dir.setdefault(directory, set()).add(name)
         for directory, names in by_dir.items():
-            wd = _LIBC.inotify_add_watch(self.fd, os.fsencode(directory), MASK)
-            if wd < 0:
-                err = ctypes.get_errno()
-                if err in (errno.ENOENT, errno.ENOTDIR):  # gone already: that is a change
-                    self.reason = self.reason or f"{directory} changed"
-                    continue
-                hint = " (fs.inotify.max_user_watches reached)" if err == errno.ENOSPC else ""
-                raise Unavailable(f"inotify_add_watch {directory}: {os.strerror(err)}{hint}")
-            self.names.setdefault(wd, (directory, set()))[1].update(names)
+            wd = self._add_watch(directory)
+            if wd is None:  # inside an archive (a zip on the path, an egg), or not there at all
+                directory, name = _nearest_directory(directory)
+                wd = self._add_watch(directory) if directory else None
+                names = {name}
+            if wd is not None:
+                self.names.setdefault(wd, (directory, set()))[1].update(names)
+
+    def _add_watch(self, directory: str) -> int | None:
+        """The watch descriptor of ``directory``; None if it is no directory."""
+        wd = _LIBC.inotify_add_watch(self.fd, os.fsencode(directory), MASK)
+        if wd >= 0:
+            return wd
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            return None
+        hint = " (fs.inotify.max_user_watches reached)" if err == errno.ENOSPC else ""
+        raise Unavailable(f"inotify_add_watch {directory}: {os.strerror(err)}{hint}")
 
     def _fall_back(self, why: str) -> None:
         files = [os.path.join(d, n) for d, names in self.names.values() for n in names]
@@ -102,7 +111,9 @@ class Watcher:
         self.names = {}
         self.stamps = {path: _mtime(path) for path in files}
         self.problem = (f"cannot watch the imported files ({why}): checking their mtimes on"
-                        " every run instead (slower warm runs)")  # fmt: skip
+                        " every run instead (slower warm runs). Raise the inotify limits"
+                        " (sysctl fs.inotify.max_user_watches, max_user_instances), then"
+                        " `py-preload stop FILE`: the next run starts a server that watches")  # fmt: skip
         self.log("warning: " + self.problem)
 
     def changed(self) -> str | None:
@@ -154,6 +165,17 @@ class Watcher:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _nearest_directory(path: str) -> tuple:
+    """(the nearest existing directory above ``path``, the name under it on the way to
+    ``path``): for a module in ``lib.zip/pkg``, the zip's directory and ``lib.zip``."""
+    below, parent = path, os.path.dirname(path)
+    while parent != below:
+        if os.path.isdir(parent):
+            return parent, os.path.basename(below)
+        below, parent = parent, os.path.dirname(parent)
+    return None, None
 
 
 def _init() -> int:
