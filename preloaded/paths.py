@@ -93,6 +93,7 @@ class Paths:
     def __init__(self, bundle_path: str, create: bool = True, flavour: str = "") -> None:
         # A flavour (the pytest server of the bundle, see preloaded.server.pytestserver) has
         # files of its own.
+        self.flavour = flavour
         self.key = bundle_key(bundle_path) + (f"-{flavour}" if flavour else "")
         self.runtime = runtime_dir(create)
         base = os.path.join(self.runtime, self.key)

@@ -67,10 +67,9 @@ def log(message: str) -> None:
 class Server:
     def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
-        self.flavour = config.get("flavour", "")  # "pytest": the pytest server (pytestserver)
         self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
-        self.paths = Paths(config["bundle"], flavour=self.flavour)
-        self.pytest_link = None if self.flavour else PytestLink(config, log)
+        self.paths = Paths(config["bundle"], flavour=config.get("flavour", ""))
+        self.pytest_link = None if config.get("flavour") else PytestLink(config, log)  # see tools
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
         self.started = time.time()
@@ -134,8 +133,8 @@ class Server:
             "pid": os.getpid(), "bundle": self.config["bundle"], "python": sys.executable,
             "modules": self.modules, "import_times": self.import_times,
             "warnings": self.warnings, "started": self.started, "socket": self.paths.socket,
-            "log": self.paths.log, "idle_timeout": self.idle_timeout,
-            "learned": list(self.learner.learned) if self.learner else [], "flavour": self.flavour,
+            "log": self.paths.log, "idle_timeout": self.idle_timeout, "flavour": self.paths.flavour,
+            "learned": list(self.learner.learned) if self.learner else [],
         }  # fmt: skip
         tmp = f"{self.paths.info}.{os.getpid()}.tmp"  # a retiring predecessor may write too
         with open(tmp, "w", encoding="utf-8") as f:
@@ -310,8 +309,7 @@ class Server:
         if isinstance(frame, dict) and "cmd" in frame:
             control.handle(self, conn, frame)
             return
-        conn, frame = _adopt(self, conn, frame) if self.flavour else (conn, frame)
-        if conn is None:  # a hand-over from the plain server that was not one
+        if _adopted(self, conn, frame):  # the pytest server: a run the plain server handed over
             return
         try:
             validate_request(frame, len(conn.fds))
@@ -340,7 +338,7 @@ class Server:
             "socket": self.paths.socket, "log": self.paths.log,
             "learn": self.learner.status() if self.learner else None,
             "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
-            "last_used": self.last_used, "env": envdeps.summary(), "flavour": self.flavour,
+            "last_used": self.last_used, "env": envdeps.summary(), "flavour": self.paths.flavour,
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
@@ -395,8 +393,7 @@ class Server:
                 return
             if pid == 0:
                 return
-            link = self.pytest_link
-            if self.pool.died(pid, status) or link is not None and link.reaped(pid, status):
+            if self.pool.died(pid, status) or _reaped_by_link(self, pid, status):
                 continue
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
@@ -484,9 +481,13 @@ def _sent_elsewhere(server: Server, conn: Conn, request: dict) -> bool:
             or envdeps.GATE.sent_back_cold(conn, request, log, server.begin_stop))
 
 
+def _reaped_by_link(server: Server, pid: int, status: int) -> bool:
+    return server.pytest_link is not None and server.pytest_link.reaped(pid, status)
+
+
 def _route(server: Server, conn: Conn, request: dict) -> tuple:
     """("here" | "pytest", None) or ("cold", reason): see tools.route."""
-    if server.flavour:
+    if server.pytest_link is None:  # the pytest server
         reason = pytestserver.cold_reason(request)
         if reason is None and pytestserver.is_pytest(request) and \
                 pytestserver.wants_workers(request, tools.config_text(request["cwd"])):  # fmt: skip
@@ -502,12 +503,12 @@ def _all_modules(server: Server) -> list:
     return server.modules + [name for name in learned if name not in server.modules]
 
 
-def _adopt(server: Server, courier: Conn, frame) -> tuple:
-    """A run the plain server handed over: the client's connection (the first fd) and its
-    stdio, then its request. (None, None) when the frame is not a good one; other frames are
-    left as they are."""
-    if not (isinstance(frame, dict) and "adopt" in frame):
-        return courier, frame
+def _adopted(server: Server, courier: Conn, frame) -> bool:
+    """In the pytest server, a run the plain server handed over: the client's connection (the
+    first fd) and its stdio, then its request, handled as if it came on that connection. False
+    for any other frame."""
+    if server.pytest_link is not None or not (isinstance(frame, dict) and "adopt" in frame):
+        return False
     fds, courier.fds = courier.fds, []
     server._close(courier)
     request = frame.get("adopt")
@@ -518,17 +519,17 @@ def _adopt(server: Server, courier: Conn, frame) -> tuple:
     if sock is None or not isinstance(request, dict):
         wire.close_all(fds)
         log("bad request: a hand-over without a connection and 3 descriptors")
-        return None, None
+        return True
     conn = Conn(sock)
     conn.fds = fds[1:]
     if not _admit(conn):
         server._close(conn)
-        return None, None
+        return True
     sock.setblocking(False)
     server.conns[sock.fileno()] = conn
     server.sel.register(sock, selectors.EVENT_READ, server._handle_readable)
-    return conn, request
-
+    server._handle_frame(conn, request)
+    return True
 
 
 def _drain_backlog(listener, retry: dict) -> None:
