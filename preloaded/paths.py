@@ -90,8 +90,11 @@ def exit_file(socket_path: str, keeper: int, pid: int) -> str:
 class Paths:
     """The files of one bundle's server."""
 
-    def __init__(self, bundle_path: str, create: bool = True) -> None:
-        self.key = bundle_key(bundle_path)
+    def __init__(self, bundle_path: str, create: bool = True, flavour: str = "") -> None:
+        # A flavour (the pytest server of the bundle, see preloaded.server.pytestserver) has
+        # files of its own.
+        self.flavour = flavour
+        self.key = bundle_key(bundle_path) + (f"-{flavour}" if flavour else "")
         self.runtime = runtime_dir(create)
         base = os.path.join(self.runtime, self.key)
         self.socket = base + ".sock"

@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PYTHON, cli, server_pids
+from conftest import PYTHON, cli
 
 TIMEOUT = 30
 
@@ -42,6 +42,10 @@ def starter(request):
     """The Python starter, or the native one that cannot fall back to Python (conftest)."""
     name = "light_bundle" if request.param == "python" else "native_strict"
     return request.getfixturevalue(name)
+
+
+def _server_pid(starter: str) -> int:
+    return json.loads(cli("status", "--json", starter).stdout)["pid"]
 
 
 def _script(tmp_path, name: str, code: str) -> str:
@@ -82,7 +86,7 @@ def test_signal_to_parent_reaches_the_callers_parent(starter, tmp_path, name):
     subprocess.run([starter, "-c", "pass"], check=True, timeout=TIMEOUT)  # the server is up
     other = subprocess.Popen([starter, "-c", "import time; time.sleep(1); print('other ok')"],
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    servers = server_pids()
+    server = _server_pid(starter)
     shell = ('trap "echo got USR1" USR1; trap "echo got TERM" TERM; '
              '"$0" "$1" "$2"; echo "status $?"')  # fmt: skip
     outcomes = [subprocess.run(["bash", "-c", shell, exe, job, name], capture_output=True,
@@ -92,13 +96,13 @@ def test_signal_to_parent_reaches_the_callers_parent(starter, tmp_path, name):
     assert python == (0, f"sent\ngot {name[3:]}\nstatus 0\n", "")
     assert warm == python
     assert other.communicate(timeout=TIMEOUT) == ("other ok\n", None) and other.returncode == 0
-    assert server_pids() == servers and all(map(_alive, servers))
+    assert _server_pid(starter) == server and _alive(server)
 
 
 def test_sigterm_from_outside_still_stops_the_server(light_bundle, tmp_path):
     """Guards the other senders' meaning: SIGTERM from a process outside every run stops it."""
     subprocess.run([light_bundle, "-c", "pass"], check=True, timeout=TIMEOUT)
-    pid = json.loads(cli("status", "--json", light_bundle).stdout)["pid"]
+    pid = _server_pid(light_bundle)
     os.kill(pid, signal.SIGTERM)
     assert _wait_gone(pid, TIMEOUT)
 

@@ -162,6 +162,8 @@ def _apply_environment(request: dict, setup: Setup) -> None:
     os.umask(request["umask"])
     sys.argv = list(request["argv"])
     sys.orig_argv = list(request["orig_argv"])
+    if "executable" in request:  # an xdist controller of the pytest server: warm workers
+        sys.executable = request["executable"]
     sys.path[:] = [_path0(request)] + _dedupe(_pythonpath(env) + setup.base_path)
     flags = request["flags"]
     sys.dont_write_bytecode = flags["B"] or bool(env.get("PYTHONDONTWRITEBYTECODE"))

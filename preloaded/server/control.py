@@ -22,6 +22,8 @@ def handle(server, conn, frame: dict) -> None:
         conn.reply({"stopping": os.getpid(), "runs": 0 if now else len(server.children)})
         server._close(conn)
         server.begin_stop(kill_children=now)
+        if server.pytest_link is not None:
+            server.pytest_link.stop(now)
     elif cmd in ("usage", "evict") and server.budget is not None:
         server.budget.handle(conn, frame)
     elif cmd == "forget":  # running children finish; the next run starts a fresh server

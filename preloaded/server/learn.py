@@ -158,6 +158,7 @@ def safe_import(name: str) -> float:
 
     from preloaded.server import tools
     from preloaded.server.preload import HANDLED, cuda_initialised, thread_count
+    from preloaded.server.pytestserver import hook_installed
 
     handlers = [signal.getsignal(s) for s in HANDLED]
     before = set(sys.modules)
@@ -170,7 +171,8 @@ def safe_import(name: str) -> float:
         # PYTHONWARNINGS would see them when it imports the module itself.
         warnings.simplefilter("always")
         try:
-            importlib.import_module(name)
+            with hook_installed():  # the pytest server's: through pytest's rewriting hook
+                importlib.import_module(name)
         except BaseException as exc:
             raise ImportError(f"importing {name} failed: {type(exc).__name__}: {exc}") from exc
     cost = time.perf_counter() - start

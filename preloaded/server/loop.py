@@ -20,7 +20,8 @@ import time
 
 from preloaded import wire
 from preloaded.paths import Paths
-from preloaded.server import budget, control, envdeps, keeper, sigfd, startup, tools
+from preloaded.server import budget, control, envdeps, keeper, pytestserver, sigfd, startup, tools
+from preloaded.server.pytestlink import PytestLink
 from preloaded.server.request import BadRequest, Conn, validate_request
 from preloaded.server.shadowing import Shadows
 from preloaded.server.context import Gate
@@ -68,7 +69,8 @@ class Server:
         self.config = config
         # startup: what python imports before sys.path[0]; path: the bundle-time directories
         self.shadows = Shadows(startup, config.get("path"))
-        self.paths = Paths(config["bundle"])
+        self.paths = Paths(config["bundle"], flavour=config.get("flavour", ""))
+        self.pytest_link = None if config.get("flavour") else PytestLink(config, log)  # see tools
         self.modules = list(config["modules"])
         self.idle_timeout = float(config.get("idle_timeout", 1800))
         self.started = time.time()
@@ -132,7 +134,7 @@ class Server:
             "pid": os.getpid(), "bundle": self.config["bundle"], "python": sys.executable,
             "modules": self.modules, "import_times": self.import_times,
             "warnings": self.warnings, "started": self.started, "socket": self.paths.socket,
-            "log": self.paths.log, "idle_timeout": self.idle_timeout,
+            "log": self.paths.log, "idle_timeout": self.idle_timeout, "flavour": self.paths.flavour,
             "learned": list(self.learner.learned) if self.learner else [],
         }  # fmt: skip
         tmp = f"{self.paths.info}.{os.getpid()}.tmp"  # a retiring predecessor may write too
@@ -308,6 +310,8 @@ class Server:
         if isinstance(frame, dict) and "cmd" in frame:
             control.handle(self, conn, frame)
             return
+        if _adopted(self, conn, frame):  # the pytest server: a run the plain server handed over
+            return
         try:
             validate_request(frame, len(conn.fds))
         except BadRequest as exc:
@@ -319,10 +323,8 @@ class Server:
             # This run and any other waiting one get told to retry, after the socket is gone.
             self.begin_stop(retry={"error": "stale", "reason": reason})
             return
-        if (tools.sent_back_cold(conn, frame, log) or GATE.sent_back_cold(conn, frame, log)
-                or self.shadows.sent_back_cold(conn, frame, self.child_setup.known, log)
-                or envdeps.GATE.sent_back_cold(conn, frame, log, self.begin_stop)):
-            return self._close(conn)  # python itself must run it (the reason is logged)
+        if _sent_elsewhere(self, conn, frame):
+            return self._close(conn)
         self._fork(conn, frame)
 
     def status(self) -> dict:
@@ -337,7 +339,7 @@ class Server:
             "socket": self.paths.socket, "log": self.paths.log,
             "learn": self.learner.status() if self.learner else None,
             "warmup": self.config.get("warmup"), "warmup_time": self.warmup_time,
-            "last_used": self.last_used, "env": envdeps.summary(),
+            "last_used": self.last_used, "env": envdeps.summary(), "flavour": self.paths.flavour,
         }  # fmt: skip
 
     def _fork(self, conn: Conn, request: dict) -> None:
@@ -392,7 +394,7 @@ class Server:
                 return
             if pid == 0:
                 return
-            if self.pool.died(pid, status):
+            if self.pool.died(pid, status) or _reaped_by_link(self, pid, status):
                 continue
             conn = self.children.pop(pid, None)
             if conn is None:  # a fast-exit helper, or a discarded standby
@@ -463,6 +465,73 @@ class Server:
             for pid, conn in self.children.items():
                 kill(pid, signal.SIGHUP, group=True)
                 conn.kill_at = time.monotonic() + KILL_GRACE
+
+def _sent_elsewhere(server: Server, conn: Conn, request: dict) -> bool:
+    """True when the pytest server took the run (it answers the client now), or when python
+    itself must run it (cold; the reason is logged)."""
+    where, reason = _route(server, conn, request)
+    if where == "pytest":
+        reason = server.pytest_link.hand_over(conn, request, _all_modules(server))
+        if reason is None:
+            return True
+    if reason is not None:
+        tools.send_cold(conn, reason, log)
+        return True
+    return (GATE.sent_back_cold(conn, request, log)
+            or server.shadows.sent_back_cold(conn, request, server.child_setup.known, log)
+            or envdeps.GATE.sent_back_cold(conn, request, log, server.begin_stop))
+
+
+def _reaped_by_link(server: Server, pid: int, status: int) -> bool:
+    return server.pytest_link is not None and server.pytest_link.reaped(pid, status)
+
+
+def _route(server: Server, conn: Conn, request: dict) -> tuple:
+    """("here" | "pytest", None) or ("cold", reason): see tools.route."""
+    if server.pytest_link is None:  # the pytest server
+        reason = pytestserver.cold_reason(request)
+        if reason is None and pytestserver.is_pytest(request) and \
+                pytestserver.wants_workers(request, tools.config_text(request["cwd"])):  # fmt: skip
+            request["executable"] = server.config["bundle"]  # its workers: our children
+        return ("cold", reason) if reason else ("here", None)
+    if server.pytest_link.takes_worker(request, conn.peer):
+        return "pytest", None
+    return tools.route(request)
+
+
+def _all_modules(server: Server) -> list:
+    learned = list(server.learner.learned) if server.learner else []
+    return server.modules + [name for name in learned if name not in server.modules]
+
+
+def _adopted(server: Server, courier: Conn, frame) -> bool:
+    """In the pytest server, a run the plain server handed over: the client's connection (the
+    first fd) and its stdio, then its request, handled as if it came on that connection. False
+    for any other frame."""
+    if server.pytest_link is not None or not (isinstance(frame, dict) and "adopt" in frame):
+        return False
+    fds, courier.fds = courier.fds, []
+    server._close(courier)
+    request = frame.get("adopt")
+    try:
+        sock = socket.socket(fileno=fds[0]) if len(fds) == 4 else None
+    except OSError:
+        sock = None
+    if sock is None or not isinstance(request, dict):
+        wire.close_all(fds)
+        log("bad request: a hand-over without a connection and 3 descriptors")
+        return True
+    conn = Conn(sock)
+    conn.fds = fds[1:]
+    if not _admit(conn):
+        server._close(conn)
+        return True
+    sock.setblocking(False)
+    server.conns[sock.fileno()] = conn
+    server.sel.register(sock, selectors.EVENT_READ, server._handle_readable)
+    server._handle_frame(conn, request)
+    return True
+
 
 def _drain_backlog(listener, retry: dict) -> None:
     """Runs queued on the listener would see a reset and go cold: tell them to retry."""

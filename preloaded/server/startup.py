@@ -58,8 +58,13 @@ def warm_up(config: dict, paths, log) -> Warm:
     sys.path[0:0] = config.get("path", [])
     baseline = preload.thread_count()
     with envdeps.recording():  # what the warm state depends on: checked on every run
+        hook = _pytest_hook() if config.get("flavour") else None
         warm.import_times, suspects = preload.import_modules(list(config["modules"]), log)
         warm.learner = _preload_learned(config, paths, log)
+        if hook is not None:
+            from preloaded.server import pytestserver
+
+            pytestserver.finish(hook)
         script = config.get("warmup")
         if script:
             from preloaded.server import warmup
@@ -86,6 +91,16 @@ def warm_up(config: dict, paths, log) -> Warm:
     if warm.stamps.watcher is not None and warm.stamps.watcher.problem:  # logged already
         warm.warnings.append(warm.stamps.watcher.problem)
     return warm
+
+
+def _pytest_hook():
+    """The pytest server's state before the bundle's modules (see pytestserver)."""
+    from preloaded.server import pytestserver
+
+    try:
+        return pytestserver.prepare()
+    except Exception as exc:
+        raise ImportError(f"preparing pytest's assertion rewriting failed: {exc!r}") from exc
 
 
 def _preload_learned(config: dict, paths, log) -> learn.Learner:

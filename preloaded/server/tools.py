@@ -9,13 +9,15 @@ can, because what they do depends on what is already in ``sys.modules`` when the
   session fails before any test runs. Under python those modules are imported later, through
   pytest's rewriting hook. Dropping them from ``sys.modules`` would not help: the server's other
   modules hold the old ones (anyio's classes, imported by transformers, would exist twice).
+  Such a run goes to the bundle's pytest server, whose state was built through that hook
+  (``pytestserver``), unless a setting it was not built for says cold (``route``).
 - coverage (``-m coverage``, ``--cov`` of pytest-cov, ``COVERAGE_PROCESS_START``) measures
   code as it is executed: the module-level code of the server's modules ran before it started,
   and coverage's own check of already imported modules crashes on torch (``torch.ops``).
 - cProfile, profile and trace see the imports of python's run, not of a warm one.
 
-Such a run goes cold (python itself runs it) and the server logs why. A pytest run whose
-plugins and tools are all absent from the server stays warm: that one is exactly python's.
+The others go cold (python itself runs them) and the server logs why. A pytest run whose
+plugins and tools are all absent from the server stays warm here: that one is exactly python's.
 Learning (``learn.py``) never takes one of these modules either (``never_learned``).
 """
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+from preloaded.server.pytestserver import named_plugins
 
 # Modules that measure or trace the program from the interpreter's start (``-m NAME``).
 TRACING_MODULES = frozenset({"coverage", "cProfile", "profile", "trace"})
@@ -37,18 +41,29 @@ COVERAGE_ENV = ("COVERAGE_PROCESS_START", "COV_CORE_SOURCE")
 _plugin_cache: dict = {}
 
 
-def sent_back_cold(conn, request: dict, log) -> bool:
-    """If ``request`` must run cold, log why and tell the client (``{"cold": reason}``: it
-    runs python itself, silently); True then."""
+def send_cold(conn, reason: str, log) -> None:
+    """Tell the client to run python itself (``{"cold": reason}``: silently); log why."""
+    log(f"cold run: {reason}")
+    conn.reply({"cold": reason})
+
+
+def route(request: dict) -> tuple:
+    """Where the plain server sends ``request``: ("here", None), ("pytest", None) for the
+    pytest server (``pytestserver``), or ("cold", reason)."""
     reason = cold_reason(request)
-    if reason:
-        log(f"cold run: {reason}")
-        conn.reply({"cold": reason})
-    return bool(reason)
+    if reason is None:
+        return "here", None
+    if reason is PYTEST_SERVER:
+        return "pytest", None
+    return "cold", reason
+
+
+PYTEST_SERVER = "the pytest server"  # cold_reason's answer for a run that server takes
 
 
 def cold_reason(request: dict) -> str | None:
-    """Why ``request`` must run cold because of a tool that looks at the interpreter, or None."""
+    """Why ``request`` cannot run warm here because of a tool that looks at the interpreter
+    (``PYTEST_SERVER``: the pytest server runs it), or None."""
     env = request["env"]
     for name in COVERAGE_ENV:
         if env.get(name):
@@ -75,27 +90,50 @@ def _tool_script(target: str) -> str | None:
 
 
 def _pytest_reason(request: dict) -> str | None:
-    held = sorted(set(sys.modules) & tool_modules(_search_path(request)))
-    held += [name for name in _named_plugins(request) if name in sys.modules]
-    if held:
-        return f"pytest with {', '.join(held[:3])} already imported (assertion rewriting)"
     if _wants_coverage(request):
         return "pytest with --cov: coverage must start before the server's modules"
-    return None
+    if _assert_mode(request["argv"]) == "plain":
+        return None  # no rewriting hook, no marking: nothing pytest does depends on sys.modules
+    held = sorted(set(sys.modules) & tool_modules(_search_path(request)))
+    held += [name for name in named_plugins(request) if name in sys.modules]
+    if not held:
+        return None
+    unusual = _unusual_settings(request)
+    if unusual:
+        return f"pytest with {', '.join(held[:3])} already imported and {unusual}"
+    return PYTEST_SERVER
 
 
-def _named_plugins(request: dict) -> list:
-    """Plugins named by ``-p NAME`` and ``PYTEST_PLUGINS``: pytest marks each for rewriting
-    (and warns if it is already imported) before importing it. (Those a conftest.py names in
-    ``pytest_plugins`` cannot be known before the run: see docs/differences.md.)"""
-    argv, names = request["argv"], []
+def _assert_mode(argv: list) -> str | None:
+    """The last ``--assert`` of the command line (it wins over addopts, which come first)."""
+    mode = None
     for i, arg in enumerate(argv):
-        if arg == "-p" and i + 1 < len(argv):
-            names.append(argv[i + 1])
-        elif arg.startswith("-p") and not arg.startswith("--"):
-            names.append(arg[2:])
-    names += request["env"].get("PYTEST_PLUGINS", "").split(",")
-    return [name.strip() for name in names if name.strip() and not name.startswith("no:")]
+        if arg.startswith("--assert="):
+            mode = arg.partition("=")[2]
+        elif arg == "--assert" and i + 1 < len(argv):
+            mode = argv[i + 1]
+    return mode
+
+
+# Settings that change which modules pytest rewrites, or how: the pytest server is built for
+# none of them (any mention counts: such a run goes cold, which is always exact).
+UNUSUAL = ("--assert", "enable_assertion_pass_hook", "python_files", "disable-plugin-autoload",
+           "-c", "--config-file", "--rootdir", "--confcutdir", "--import-mode")  # fmt: skip
+
+
+def _unusual_settings(request: dict) -> str | None:
+    env = request["env"]
+    if env.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return "PYTEST_DISABLE_PLUGIN_AUTOLOAD set"
+    opts = request["argv"][1:] + env.get("PYTEST_ADDOPTS", "").split()
+    for arg in opts:
+        if arg.startswith(UNUSUAL):
+            return f"{arg} given"
+    text = config_text(request["cwd"])
+    for word in UNUSUAL[:4] + (" -p", "=-p", "\t-p", "\n-p"):
+        if word in text:
+            return f"{word.strip()} in a configuration file"
+    return None
 
 
 def _search_path(request: dict) -> tuple:
@@ -160,7 +198,7 @@ def _wants_coverage(request: dict) -> bool:
         return True
     if "--cov" in request["env"].get("PYTEST_ADDOPTS", ""):
         return True
-    return any(_mentions_cov(d) for d in _ancestors(request["cwd"]))
+    return "--cov" in config_text(request["cwd"])
 
 
 def _ancestors(directory: str) -> list:
@@ -173,15 +211,17 @@ def _ancestors(directory: str) -> list:
         directory = parent
 
 
-def _mentions_cov(directory: str) -> bool:
-    for name in PYTEST_CONFIGS:
-        try:
-            with open(os.path.join(directory, name), "rb") as f:
-                if b"--cov" in f.read(1 << 20):
-                    return True
-        except OSError:
-            continue
-    return False
+def config_text(cwd: str) -> str:
+    """Every configuration file pytest could read for a run in ``cwd``, as one text."""
+    texts = []
+    for directory in _ancestors(cwd):
+        for name in PYTEST_CONFIGS:
+            try:
+                with open(os.path.join(directory, name), "rb") as f:
+                    texts.append(f.read(1 << 20).decode("utf-8", "replace"))
+            except OSError:
+                continue
+    return "\n".join(texts)
 
 
 def never_learned(name: str, path=None) -> bool:
