@@ -108,6 +108,8 @@ class Shadows:
     """Per-directory listings, cached by mtime, and the check of one run's directories."""
 
     def __init__(self, startup: frozenset | None, bundle_path: list | None = None) -> None:
+        """``startup``: what python imports before sys.path[0]; ``bundle_path``: the directories
+        the bundle-time caller's cwd or PYTHONPATH gave (the config's "path")."""
         # None: the server was not started by a starter that recorded its start-up modules
         # (an older one); then every module counts, which only sends more runs cold.
         self.startup = startup or frozenset()
