@@ -41,13 +41,13 @@ for name in sys.argv[2:]:
     if spec is None:
         missing.append(name)
         continue
-    where = spec.origin if spec.has_location else next(iter(spec.submodule_search_locations or ()), "")
-    for entry in sys.path:
-        entry = os.path.abspath(entry or cwd)
-        if where.startswith(os.path.join(entry, "")):
-            if entry in user and entry not in extra:
-                extra.append(entry)
-            break
+    locations = list(spec.submodule_search_locations or ())
+    where = locations[0] if locations else spec.origin if spec.has_location else None
+    # The path entry it was found in: the directory holding it (a prefix of its path is not:
+    # a venv inside the cwd holds site-packages).
+    entry = os.path.dirname(os.path.abspath(where)) if where else None
+    if entry in user and entry not in extra:
+        extra.append(entry)
 print(json.dumps({"executable": sys.executable, "missing": missing, "path": extra}))
 """
 

@@ -474,3 +474,23 @@ def test_thread_count_not_understood_goes_cold(plain_torch, probe):
     env = thread_env({"OMP_NUM_THREADS": "2,1"})
     compare(plain_torch, probe, [], "torch", "numpy", env=env, warm=False)
     assert "thread count for this caller is unknown (OMP_NUM_THREADS=2,1" in log_text(plain_torch)
+
+
+def test_a_caller_that_half_closed_is_still_there():
+    """A caller that shut its writing side after its request (test_reliability's fuzz client
+    does) is alive and reads the reply: not "the caller exited" (which sent such runs cold
+    whenever the server read the request after the shutdown); a closed end is gone."""
+    import socket
+
+    from preloaded.server.peer import Peer
+
+    server_end, caller_end = socket.socketpair()
+    with server_end, caller_end:
+        peer = Peer(server_end)
+        try:
+            caller_end.shutdown(socket.SHUT_WR)
+            assert peer.still_there(server_end)
+            caller_end.close()
+            assert not peer.still_there(server_end)
+        finally:
+            peer.close()

@@ -352,8 +352,9 @@ def test_forget_without_a_server(tmp_path):
     path = bundle(tmp_path / "python-forget.bin")
     proc = cli("forget", path)
     assert proc.returncode == 0 and "no server was running" in proc.stderr
+    # A missing file is a usage error, as for status, stop and logs: one line, status 2.
     bad = cli("forget", str(tmp_path / "nope.bin"), check=False)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such file" in bad.stderr
 
 
 def test_refusal_reaches_the_restarted_server_without_the_saved_file(tmp_path, monkeypatch):

@@ -192,20 +192,22 @@ def test_edited_preloaded_module_makes_a_new_server(module_dir):
     source.write_text("VALUE = 1\n")
     bundle = bundle_from(module_dir, "ppmod")
     code = "import os, ppmod; print(ppmod.VALUE, os.getppid())"
+    # Python finds ppmod only through PYTHONPATH (a run without it goes cold: ModuleNotFound).
+    env = {**os.environ, "PYTHONPATH": str(module_dir)}
     try:
-        first = run(bundle, "-c", code)
+        first = run(bundle, "-c", code, env=env)
         assert first.stdout.split()[0] == "1", first.stderr
         source.write_text("VALUE = 222\n")  # another size: the .pyc cannot pass for it
-        second = run(bundle, "-c", code)
+        second = run(bundle, "-c", code, env=env)
         assert second.stderr == ""
         assert second.stdout.split()[0] == "222"
         assert second.stdout.split()[1] != first.stdout.split()[1]
         assert "ppmod.py changed" in log_text(bundle)
         # A new file in a directory of the server's sys.path (an installed package) also counts.
         (module_dir / "newpkg.py").write_text("")
-        third = run(bundle, "-c", code)
+        third = run(bundle, "-c", code, env=env)
         assert third.stderr == "" and third.stdout.split()[1] != second.stdout.split()[1]
-        fourth = run(bundle, "-c", code)
+        fourth = run(bundle, "-c", code, env=env)
         assert fourth.stdout == third.stdout
     finally:
         stop(bundle)

@@ -17,7 +17,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 
 import pytest
 
-from conftest import PYTHON, make_bundle, native_only, serving
+from conftest import PYTHON, cli, make_bundle, native_only, serving
 from test_differential import Case, Link, _explain, _run, server_runs
 
 MODULES = ("json", "decimal", "filelock")  # two standard-library modules, one third-party
@@ -185,3 +185,33 @@ def test_namespace_package_the_server_holds(tmp_path, monkeypatch):
     assert "'nspkg' in " + str(project) in reason(project)
     assert reason(tmp_path, pythonpath=str(site)) is None
     assert reason(tmp_path) is None
+
+
+def test_module_found_only_through_the_bundle_path(tmp_path):
+    """A module the bundling caller's PYTHONPATH found is held by the server, but not on a
+    child's path: a run whose directories lack its directory gets python's ModuleNotFoundError
+    (cold), one that lists it (or a link to its very file) stays warm; sys.path is python's."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "bpmod.py").write_text("VALUE = 'bundled'\n")
+    (tmp_path / "link").symlink_to(lib)
+    bundle = str(tmp_path / "python-bpmod.bin")
+    cli("bundle", "bpmod", "-o", bundle, "--idle-timeout", "120",
+        env={**os.environ, "PYTHONPATH": str(lib)})  # fmt: skip
+    code = "import sys; print(sys.path[:2]); import bpmod; print(bpmod.VALUE)"
+    cases = [(Case("lacks-it", ["-c", code]), False),
+             (Case("pythonpath-has-it", ["-c", code], env={"PYTHONPATH": str(lib)}), True),
+             (Case("cwd-is-it", ["-c", code], cwd="l", files={"l": Link(str(lib))}), True)]
+    try:
+        for case, warm in cases:
+            directory = str(tmp_path / "w")
+            expected = _run(PYTHON, case, directory)
+            if case.name == "lacks-it":
+                assert b"ModuleNotFoundError" in expected[2]
+            _run(bundle, Case("start", ["-c", "pass"], env={"PYTHONPATH": str(lib)}), directory)
+            before = server_runs(bundle)
+            actual = _run(bundle, case, directory)
+            assert actual == expected, _explain(expected, actual)
+            assert server_runs(bundle) - before == (1 if warm else 0), case.name
+    finally:
+        cli("stop", bundle, check=False)

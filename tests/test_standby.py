@@ -147,13 +147,15 @@ def test_stale_server_does_not_use_its_standby(module_dir):
     source.write_text("VALUE = 1\n")
     path = bundle_from(module_dir, "sbmod")
     code = "import os, sbmod; print(sbmod.VALUE, os.getpid(), os.getppid())"
+    # Python finds sbmod only through PYTHONPATH (a run without it goes cold: ModuleNotFound).
+    env = {**os.environ, "PYTHONPATH": str(module_dir)}
     try:
-        first = run(path, "-c", code)
+        first = run(path, "-c", code, env=env)
         assert first.stdout.split()[0] == "1", first.stderr
         old_server = int(first.stdout.split()[2])
         old_standby = parked(path)
         source.write_text("VALUE = 222\n")  # another size: the .pyc cannot pass for it
-        second = run(path, "-c", code)
+        second = run(path, "-c", code, env=env)
         value, pid, ppid = second.stdout.split()
         assert (value, second.stderr) == ("222", "")
         assert int(pid) != old_standby and int(ppid) != old_server

@@ -67,7 +67,7 @@ def log(message: str) -> None:
 class Server:
     def __init__(self, config: dict, startup: frozenset | None = None) -> None:
         self.config = config
-        self.shadows = Shadows(startup)  # startup: what python imports before sys.path[0]
+        self.shadows = Shadows(startup, config.get("path"))  # see shadowing.Shadows
         self.paths = Paths(config["bundle"], flavour=config.get("flavour", ""))
         self.pytest_link = None if config.get("flavour") else PytestLink(config, log)  # see tools
         self.modules = list(config["modules"])

@@ -63,9 +63,11 @@ class Peer:
             alive = self.start is not None and _start_time(self.pid) == self.start
         if not alive:
             return False
+        # POLLHUP: its end is closed. Not POLLRDHUP: a caller that shut only its writing side
+        # after the request (as HTTP clients do) is there and reads the reply.
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLRDHUP)
-        return not any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+        poller.register(sock.fileno(), select.POLLHUP)
+        return not any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     def close(self) -> None:
         if self.pidfd is not None:

@@ -38,11 +38,12 @@ MAX_CACHED = 256  # directories remembered (a busy server sees many projects)
 
 class Held:
     """The server's top-level modules, each with where python found it: ("dir", entry) for a
-    module or regular package (its file, or its package directory), ("ns", portions) for a namespace package, ("other", None) for
-    one without a location (made by a library), ("absent", None) for site's customize modules
-    the server has not. Built-in and frozen ones cannot be shadowed."""
+    module or regular package (its file, or its package directory), ("ns", portions) for a
+    namespace package, ("other", None) for one without a location (made by a library),
+    ("absent", None) for site's customize modules the server has not. Built-in and frozen ones
+    cannot be shadowed."""
 
-    def __init__(self, modules: dict, startup: frozenset) -> None:
+    def __init__(self, modules: dict, startup: frozenset, bundle_path: tuple = ()) -> None:
         self.where: dict = {}
         for name, module in list(modules.items()):
             if "." not in name and name not in ("__main__", "__mp_main__"):
@@ -56,6 +57,17 @@ class Held:
         self.late = frozenset(n for n in self.where if n not in startup and n not in CUSTOMIZE)
         self._real: dict = {}
         self._ids: dict = {}
+        # Modules found only through a directory of the bundle-time path (the bundling caller's
+        # cwd or PYTHONPATH, not a child's path): python finds them only through a run's own
+        # directories. {name: that directory's real path}
+        extra = {os.path.realpath(p) for p in bundle_path}
+        self.needs: dict = {}
+        for name, (kind, place) in self.where.items() if extra else ():
+            # preloaded: py-preload's own machinery, in every child (found through pkg_root,
+            # which a checkout's root on the bundle path names too).
+            home = self.real(os.path.dirname(place)) if kind == "dir" else None
+            if home in extra and name != "preloaded":
+                self.needs[name] = home
 
     def identity(self, path: str) -> tuple | None:
         """(st_dev, st_ino) of a held module's file or package directory, taken once (if it
@@ -95,10 +107,13 @@ def _location(module) -> tuple | None:
 class Shadows:
     """Per-directory listings, cached by mtime, and the check of one run's directories."""
 
-    def __init__(self, startup: frozenset | None) -> None:
+    def __init__(self, startup: frozenset | None, bundle_path: list | None = None) -> None:
+        """``startup``: what python imports before sys.path[0]; ``bundle_path``: the directories
+        the bundle-time caller's cwd or PYTHONPATH gave (the config's "path")."""
         # None: the server was not started by a starter that recorded its start-up modules
         # (an older one); then every module counts, which only sends more runs cold.
         self.startup = startup or frozenset()
+        self.bundle_path = tuple(bundle_path or ())  # the config's "path"
         self.listings: dict = {}  # directory -> (mtime_ns, ({name: kind}, real path) or None)
         self._held: Held | None = None
         self._known = None
@@ -107,7 +122,8 @@ class Shadows:
         """The held modules, computed again when the server's set of modules changed
         (``known`` is the child setup's ``frozenset(sys.modules)``, replaced after learning)."""
         if self._held is None or known is not self._known:
-            self._held, self._known = Held(sys.modules, self.startup), known
+            self._held = Held(sys.modules, self.startup, self.bundle_path)
+            self._known = known
         return self._held
 
     def reason(self, request: dict, known) -> str | None:
@@ -128,7 +144,7 @@ class Shadows:
                             " name (python would import the local one)")
                 if verdict == "same":
                     decided.add(name)
-        return None
+        return _unreachable(held.needs, decided)
 
     def sent_back_cold(self, conn, request: dict, known, log) -> bool:
         """If a local module shadows a held one, log why and tell the client to run cold."""
@@ -157,6 +173,17 @@ class Shadows:
                 self.listings.clear()
             self.listings[directory] = (mtime, listing)
         return listing
+
+
+def _unreachable(needs: dict, found: set) -> str | None:
+    """Why a run cannot have a module the server found through the bundle-time path: python
+    would raise ModuleNotFoundError (or import another one) where none of this run's
+    directories gives the server's own file (``found``), while a warm child holds it."""
+    for name, real in needs.items():
+        if name not in found:
+            return (f"{name!r} was imported from {real} (the bundle's path), which this run's"
+                    " sys.path lacks (python would not import the server's module)")
+    return None
 
 
 def _verdict(directory: str, real: str, name: str, kind: str, held: Held) -> str:
