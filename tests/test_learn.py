@@ -17,6 +17,7 @@ import pytest
 
 import test_server
 from conftest import PYTHON, cli
+from preloaded.paths import Paths
 
 RUN_TIMEOUT = 60
 LEARN_TIMEOUT = 30
@@ -208,6 +209,9 @@ UNSAFE = {
     "print": "print('hello from an import')\n",
     # the server's handler (it wakes the loop) would be gone: SIGHUP would no longer stop it
     "signal": "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\n",
+    # as dask's config does: the server would depend on every variable (PWD, _, ...), so
+    # nearly every later run would go cold
+    "environ": "import os\nOWN = {k: v for k, v in os.environ.items() if k.startswith('BADPKG_')}\n",
 }  # fmt: skip
 
 
@@ -230,7 +234,8 @@ def test_unsafe_learned_module_is_refused_for_good(tmp_path, venv, kind):
         reason = saved(path)["refused"]["badpkg"]
         assert {"thread": "started a thread", "warning": "warned: UserWarning",
                 "hidden": "warned: DeprecationWarning", "print": "printed",
-                "signal": "changed signal handlers"}[kind] in reason
+                "signal": "changed signal handlers",
+                "environ": "listed the whole environment"}[kind] in reason
         assert server_pid(path) == old and not gone(old)  # refused without restarting
         assert psutil.Process(old).num_threads() == 1
         assert "retiring" not in cli("logs", "-n", "1000", path).stdout
@@ -330,8 +335,9 @@ def test_no_learn(tmp_path):
         assert not learn["enabled"] and not learn["counts"] and not learn["learned"]
         assert not in_server(path, "colorsys") and saved(path) == {}
         assert "learned:   off" in cli("status", path).stdout
+        prefix = os.path.basename(Paths(path, create=False).report_prefix)  # other servers' aside
         runtime = os.path.join(os.environ["XDG_RUNTIME_DIR"], "py-preload")
-        assert not [n for n in os.listdir(runtime) if ".report." in n]
+        assert not [n for n in os.listdir(runtime) if n.startswith(prefix)]
     finally:
         cli("stop", path, check=False)
 

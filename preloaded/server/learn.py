@@ -156,11 +156,12 @@ def safe_import(name: str) -> float:
     import signal
     import warnings
 
-    from preloaded.server import tools
+    from preloaded.server import envdeps, tools
     from preloaded.server.preload import HANDLED, cuda_initialised, thread_count
     from preloaded.server.pytestserver import hook_installed
 
     handlers = [signal.getsignal(s) for s in HANDLED]
+    listed = envdeps.RECORD.whole is not None
     before = set(sys.modules)
     threads = thread_count()
     out = io.StringIO()
@@ -186,6 +187,9 @@ def safe_import(name: str) -> float:
         raise Unsafe(f"importing {name} printed {out.getvalue()[:80]!r}")
     if [signal.getsignal(s) for s in HANDLED] != handlers:
         raise Unsafe(f"importing {name} changed signal handlers")
+    if not listed and envdeps.RECORD.whole is not None:  # e.g. dask's DASK_* config
+        raise Unsafe(f"importing {name} listed the whole environment"
+                     f" ({envdeps.RECORD.listers[-1]}): every run would depend on every variable")
     tool = sorted((set(sys.modules) - before) & tools.tool_modules())
     if tool:  # e.g. a library that imports a pytest plugin: pytest runs would all go cold
         raise Unsafe(f"importing {name} imported {tool[0]} (a pytest or coverage module)")
