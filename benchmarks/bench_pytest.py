@@ -164,8 +164,11 @@ def measure(python: str, bundle: str, suite: str, env: dict, rounds: int, extra:
     for _ in range(3):  # what the runs import beyond the bundle is learned (two runs)
         run([bundle, *ARGS], suite, env)
         time.sleep(2)
-    for argv in extra.values():  # pytest-fast's first run starts its daemon
-        run(argv, suite, env)
+    for name, argv in list(extra.items()):  # pytest-fast's first run starts its daemon
+        _seconds, (code, out, err) = run(argv, suite, env)
+        if not out:  # it did not run the suite at all
+            print(f"{name}: did not run ({err.strip().splitlines()[-1:]}); left out")
+            del extra[name]
     cases = {"cold": [python, *ARGS], "warm": [bundle, *ARGS],
              "cold -n 2": [python, *ARGS, "-n", "2"], "warm -n 2": [bundle, *ARGS, "-n", "2"]}
     cases.update(extra)

@@ -62,7 +62,13 @@ def prepare():
                                 enable_assertion_pass_hook=False)  # fmt: skip
         global _HOOK
         _HOOK = hook = install_importhook(config)
-        config._mark_plugins_for_rewrite(hook, False)
+        mark = config._mark_plugins_for_rewrite
+        # pytest 9: (hook, disable_autoload); 7 and 8 read PYTEST_DISABLE_PLUGIN_AUTOLOAD (a
+        # run with it set never comes here: tools.route)
+        if mark.__code__.co_argcount > 2:
+            mark(hook, False)
+        else:
+            mark(hook)
     _load_plugins()
     return hook
 
