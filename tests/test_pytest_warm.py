@@ -249,6 +249,20 @@ def test_plain_runs_hold_nothing_of_pytest(anyio_bundles, tmp_path):
         assert "AssertionRewritingHook" not in got.stdout, got
 
 
+@pytest.mark.parametrize("argv, env, config, workers", [
+    (["pytest", "-n", "2"], {}, "", True),
+    (["pytest", "-q"], {"PYTEST_ADDOPTS": "--numprocesses=auto"}, "", True),
+    (["pytest", "-q"], {}, 'addopts = "-n 2"\n', True),
+    (["pytest", "-q"], {}, "[testenv]\ncommands = pytest -n 2\n", False),  # tox's, not ours
+    (["pytest", "-q", "tests/"], {}, "", False),
+])  # fmt: skip
+def test_wants_workers(argv, env, config, workers):
+    """A controller's sys.executable is the starter only in a run that starts xdist workers."""
+    from preloaded.server.pytestserver import wants_workers
+
+    assert wants_workers({"argv": argv, "env": env}, config) is workers
+
+
 @pytest.mark.parametrize("source, names", [
     ("x = 1\n", []),
     ("pytest_plugins = 'a.b'\n", ["a.b"]),

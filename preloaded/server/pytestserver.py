@@ -41,7 +41,7 @@ DEFAULT_FILES = ["test_*.py", "*_test.py"]  # pytest's default python_files
 MAX_DIRS = 3000  # a tree larger than this is not scanned for conftest.py: the run goes cold
 PLUGINS: set = set()  # the entry points' names whose modules this server imported
 _HOOK = None  # this server's hook: learned modules are imported through it too
-_XDIST = re.compile(r"(?:^|\s)(?:-n\s*\S|--numprocesses|--tx|-d\b|--dist)")
+_XDIST = re.compile(r"(?:^|[\s\"'=,\[])(?:-n\s*\S|--numprocesses|--tx|-d\b|--dist)")
 
 
 def prepare():
@@ -137,7 +137,10 @@ def is_worker(request: dict) -> bool:
 def wants_workers(request: dict, config_text: str) -> bool:
     """Will this pytest run start xdist workers with ``sys.executable``?"""
     opts = " ".join(request["argv"][1:]) + " " + request["env"].get("PYTEST_ADDOPTS", "")
-    return bool(_XDIST.search(opts) or _XDIST.search(config_text))
+    # Only an addopts line of a configuration file (a tox.ini's "pytest -n 2" is no option of
+    # this run; a continuation line is missed: its workers then start cold, which is exact).
+    addopts = [line for line in config_text.splitlines() if line.strip().startswith("addopts")]
+    return bool(_XDIST.search(opts) or any(_XDIST.search(line) for line in addopts))
 
 
 def cold_reason(request: dict) -> str | None:
