@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import termios
 import time
@@ -74,6 +75,9 @@ def _banner(spawn, exe: str) -> str:
 
 
 def test_repl_banner_like_python(spawn, light_bundle):
+    # The server must be up: a first run in a terminal shows (then erases) the warming line.
+    # An earlier test module may have stopped every server of the session.
+    subprocess.run([light_bundle, "-c", "pass"], check=True, timeout=60)
     warm = _banner(spawn, light_bundle)
     assert warm.startswith("Python ") and 'Type "help", "copyright"' in warm
     assert warm == _banner(spawn, PYTHON)
