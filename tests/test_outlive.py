@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -69,6 +70,10 @@ def finish(runs: dict, go: str) -> dict:
             os.kill(pid, signal.SIGTERM)  # the program itself: as python's would be
         elif name == "ctrl-c":
             wait_output(proc, "go")
+            # In its sleep, python's and the warm one alike: a SIGINT that lands while the
+            # print of "go" still runs names that line in the traceback (a race, not a
+            # difference).
+            wait_asleep(pid)
             proc.send_signal(signal.SIGINT)  # its caller: the starter forwards it
     results = {}
     for name, (proc, _pid) in runs.items():
@@ -79,6 +84,18 @@ def finish(runs: dict, go: str) -> dict:
 
 def wait_output(proc, line: str) -> None:
     assert proc.stdout.readline() == line + "\n"
+
+
+def wait_asleep(pid: int, timeout: float = 10.0) -> None:
+    """Until ``pid`` sleeps in the kernel (state S) on 5 reads in a row, 10 ms apart."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while seen < 5:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        seen = seen + 1 if state == "S" else 0
+        assert time.monotonic() < deadline, f"{pid} never slept"
+        time.sleep(0.01)
 
 
 def python_results(tmp_path) -> dict:
