@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,18 @@ def cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"py-preload {' '.join(args)} failed:\n{proc.stderr}")
     return proc
+
+
+def bare_venv(directory) -> tuple:
+    """(interpreter, site-packages) of a new venv in ``directory`` holding nothing but the
+    standard library (``--without-pip``: a few ms)."""
+    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
+                   timeout=60)  # fmt: skip
+    python = str(Path(directory) / "bin" / "python")
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+    return python, site
 
 
 def make_bundle(path, *modules, idle_timeout=600, client=None) -> str:

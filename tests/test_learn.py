@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import test_server
-from conftest import PYTHON, cli
+from conftest import PYTHON, bare_venv, cli
 from preloaded.paths import Paths
 
 RUN_TIMEOUT = 60
@@ -108,12 +108,7 @@ def light(tmp_path):
 def venv(tmp_path):
     """(interpreter, site-packages) of a fresh venv holding nothing but the standard library."""
     directory = tmp_path / "venv"
-    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
-                   timeout=60)  # fmt: skip
-    python = str(directory / "bin" / "python")
-    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    python, site = bare_venv(directory)
     return python, site
 
 

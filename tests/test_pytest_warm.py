@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, cli, make_bundle, need_native
+from conftest import PYTHON, bare_venv, cli, make_bundle, need_native
 from preloaded import servers
 from preloaded.paths import Paths
 import test_learn
@@ -82,12 +82,7 @@ def small_venv(directory, requirements: tuple) -> str:
 
     from packaging.requirements import Requirement
 
-    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
-                   timeout=60)  # fmt: skip
-    python = str(directory / "bin" / "python")
-    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    python, site = bare_venv(directory)
     todo, seen = list(requirements), set()
     while todo:
         name = todo.pop()

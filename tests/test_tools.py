@@ -21,7 +21,7 @@ import zipfile
 import pytest
 
 import test_learn
-from conftest import PYTHON, cli
+from conftest import PYTHON, bare_venv, cli
 
 TIMEOUT = 120
 # pytest11 plugins and tools of this test venv: never learned, and their presence in a server
@@ -97,12 +97,7 @@ def plugin_python(tmp_path_factory):
     in ``pytest11``) and sees this test venv's packages (pytest, xdist, pytest-cov, coverage)
     through a .pth file."""
     directory = tmp_path_factory.mktemp("plugvenv")
-    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
-                   timeout=60)  # fmt: skip
-    python = str(directory / "bin" / "python")
-    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    python, site = bare_venv(directory)
     info = os.path.join(site, "fakeplug-1.0.dist-info")
     write_tree(site, {
         "fakeplug.py": PLUGIN,
@@ -411,12 +406,7 @@ def test_learning_never_takes_a_pytest_plugin(tmp_path, test_venv):
 @pytest.fixture
 def test_venv(tmp_path):
     directory = tmp_path / "venv"
-    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(directory)], check=True,
-                   timeout=60)  # fmt: skip
-    python = str(directory / "bin" / "python")
-    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = subprocess.run([python, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    python, site = bare_venv(directory)
     return python, site
 
 

@@ -1183,6 +1183,19 @@ static void exit_like_published(void) {
     fail("lost the server during the run", "");
 }
 
+/* The signals the handlers wrote to the wake pipe: Ctrl-Z suspends, the rest go to the run
+   (through the server, or straight to the program once the server is gone: send_signal). */
+static void forward_wakeups(int sock) {
+    unsigned char signums[64];
+    ssize_t n = read(wake_pipe[0], signums, sizeof signums);
+    for (ssize_t k = 0; k < n; k++) {
+        if (signums[k] == SIGTSTP && !tstp_ignored)
+            suspend(sock);
+        else
+            send_signal(sock, signums[k]);
+    }
+}
+
 /* The server is gone, the program goes on: forward signals to it until it ends. */
 static void follow_run(int sock) {
     run.lost = 1;
@@ -1194,16 +1207,8 @@ static void follow_run(int sock) {
                 continue;
             fail("lost the server during the run", "");
         }
-        if (fds[1].revents) {
-            unsigned char signums[64];
-            ssize_t n = read(wake_pipe[0], signums, sizeof signums);
-            for (ssize_t k = 0; k < n; k++) {
-                if (signums[k] == SIGTSTP && !tstp_ignored)
-                    suspend(sock);
-                else
-                    signal_run(signums[k]);
-            }
-        }
+        if (fds[1].revents)
+            forward_wakeups(sock);
         if (fds[0].revents)
             exit_like_published();
     }
@@ -1223,16 +1228,8 @@ static void wait_for_status(int sock) {
         }
         if (fds[2].revents)
             _exit(1); /* ipykernel's os._exit(1); the server then ends the child (run.py) */
-        if (fds[1].revents) {
-            unsigned char signums[64];
-            ssize_t n = read(wake_pipe[0], signums, sizeof signums);
-            for (ssize_t k = 0; k < n; k++) {
-                if (signums[k] == SIGTSTP && !tstp_ignored)
-                    suspend(sock);
-                else
-                    send_signal(sock, signums[k]);
-            }
-        }
+        if (fds[1].revents)
+            forward_wakeups(sock);
         if (fds[0].revents && fill(sock) <= 0) {
             act_on_frames();
             if (run.pidfd >= 0)
